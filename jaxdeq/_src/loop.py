@@ -1,0 +1,176 @@
+"""The one loop driver every solver runs under.
+
+The driver owns the `jax.lax.while_loop`: it evaluates the map once per step,
+measures per-sample residuals, freezes samples that already converged (or went
+non-finite), keeps the best iterate seen, writes the residual trace and builds
+the `Solution`. Solvers only say how to get the next iterate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxdeq._src import solution as solution_lib
+from jaxdeq._src.solvers import base
+
+
+class Iterate(NamedTuple):
+  """Everything one step reads and writes (the loop carry minus the trace).
+
+  Attributes:
+    z: (batch, ...) current iterate; frozen once its sample is done.
+    fz: f(z, args).
+    solver_state: the solver's own state.
+    best_z: (batch, ...) iterate with the lowest residual so far.
+    residual: (batch,) residual of `z`; NaN/inf marks a non-finite sample.
+    best_residual: (batch,) residual of `best_z` (inf until a finite one).
+    done: (batch,) bool, converged or non-finite: no longer updated.
+    sample_steps: (batch,) int32, steps taken while not done.
+  """
+
+  z: jax.Array
+  fz: jax.Array
+  solver_state: Any
+  best_z: jax.Array
+  residual: jax.Array
+  best_residual: jax.Array
+  done: jax.Array
+  sample_steps: jax.Array
+
+
+def residual(z: jax.Array, fz: jax.Array,
+             solver: base.FixedPointSolver) -> jax.Array:
+  """Per-sample residual ||f(z) - z|| (relative to ||f(z)|| by default)."""
+  z, fz = jax.lax.stop_gradient((z, fz))
+  batch = z.shape[0]
+  error = jnp.linalg.norm((fz - z).reshape(batch, -1), axis=1)
+  if solver.relative:
+    error = error / (jnp.linalg.norm(fz.reshape(batch, -1), axis=1)
+                     + solver.eps)
+  return error
+
+
+def _is_done(res: jax.Array, tol: float) -> jax.Array:
+  # `~(res > tol)` is True for NaN too: a non-finite sample stops, unconverged.
+  return ~(res > tol)
+
+
+def init_iterate(f, solver: base.FixedPointSolver, z0: jax.Array,
+                 args: Any) -> Iterate:
+  """The iterate before the first step."""
+  fz0 = f(z0, args)
+  res = residual(z0, fz0, solver)
+  return Iterate(
+      z=z0,
+      fz=fz0,
+      solver_state=solver.init(f, z0, fz0, args),
+      best_z=z0,
+      residual=res,
+      best_residual=jnp.where(jnp.isfinite(res), res, jnp.inf),
+      done=_is_done(res, solver.tol),
+      sample_steps=jnp.zeros(z0.shape[:1], jnp.int32),
+  )
+
+
+def advance(f, solver: base.FixedPointSolver, args: Any, it: Iterate,
+            step_index: jax.Array) -> Iterate:
+  """One solver step plus the driver's bookkeeping; pure, so replayable."""
+  z_next, state = solver.step(f, it.z, it.fz, args, it.solver_state,
+                              step_index)
+  fz_next = f(z_next, args)
+  res_next = residual(z_next, fz_next, solver)
+  active = ~it.done
+  z = jnp.where(base.per_sample(active, z_next), z_next, it.z)
+  fz = jnp.where(base.per_sample(active, fz_next), fz_next, it.fz)
+  res = jnp.where(active, res_next, it.residual)
+  improved = res < it.best_residual
+  return Iterate(
+      z=z,
+      fz=fz,
+      solver_state=state,
+      best_z=jnp.where(base.per_sample(improved, z), z, it.best_z),
+      residual=res,
+      best_residual=jnp.where(improved, res, it.best_residual),
+      done=it.done | _is_done(res, solver.tol),
+      sample_steps=it.sample_steps + active.astype(jnp.int32),
+  )
+
+
+def checkpoint_interval(max_steps: int) -> int:
+  """Steps between checkpoints: ~sqrt(max_steps) bounds memory and replay."""
+  return max(1, math.isqrt(max_steps - 1) + 1) if max_steps > 1 else 1
+
+
+def _allocate_checkpoints(it: Iterate, count: int) -> Iterate:
+  return jax.tree.map(lambda x: jnp.zeros((count,) + x.shape, x.dtype), it)
+
+
+def _store(buffer: Any, tree: Any, index: jax.Array) -> Any:
+  return jax.tree.map(
+      lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, index, 0),
+      buffer, tree)
+
+
+class _Carry(NamedTuple):
+  step: jax.Array
+  iterate: Iterate
+  trace: jax.Array
+  checkpoints: Optional[Iterate]
+
+
+def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
+          checkpoint_every: Optional[int] = None
+          ) -> tuple[solution_lib.Solution, Optional[Iterate]]:
+  """Runs `solver` on `f` from `z0` until every sample is done or max_steps.
+
+  Args:
+    f: the map (batch, ...) -> (batch, ...).
+    z0: (batch, ...) initial iterate.
+    args: the map's arguments.
+    solver: a `FixedPointSolver`.
+    checkpoint_every: if set, the iterate before every step whose index is a
+      multiple of it is stored (for `UnrolledAdjoint`'s replay); the buffer
+      holds ceil(max_steps / checkpoint_every) iterates.
+
+  Returns:
+    The `Solution` and the checkpoint buffer (None without checkpointing).
+  """
+  max_steps = solver.max_steps
+  it0 = init_iterate(f, solver, z0, args)
+  trace = jnp.full((max_steps, z0.shape[0]), jnp.nan, it0.residual.dtype)
+  checkpoints = None
+  if checkpoint_every is not None:
+    checkpoints = _allocate_checkpoints(
+        it0, -(-max_steps // checkpoint_every))
+
+  def cond(carry: _Carry):
+    return (carry.step < max_steps) & ~jnp.all(carry.iterate.done)
+
+  def body(carry: _Carry) -> _Carry:
+    step, it, trace, checkpoints = carry
+    if checkpoints is not None:
+      checkpoints = jax.lax.cond(
+          step % checkpoint_every == 0,
+          lambda b: _store(b, it, step // checkpoint_every),
+          lambda b: b, checkpoints)
+    it = advance(f, solver, args, it, step)
+    trace = jax.lax.dynamic_update_index_in_dim(trace, it.residual, step, 0)
+    return _Carry(step + 1, it, trace, checkpoints)
+
+  final = jax.lax.while_loop(
+      cond, body, _Carry(jnp.zeros((), jnp.int32), it0, trace, checkpoints))
+  it = final.iterate
+  converged = it.best_residual <= solver.tol
+  stats = solution_lib.SolverStats(
+      num_steps=final.step,
+      residual=it.best_residual,
+      converged=converged,
+      trace=final.trace,
+      status=solution_lib.batch_status(converged, ~jnp.isfinite(it.residual)),
+      sample_steps=it.sample_steps,
+  )
+  return solution_lib.Solution(it.best_z, stats), final.checkpoints

@@ -1,0 +1,125 @@
+"""Result codes, solver statistics and the `Solution` a solve returns."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Status(enum.IntEnum):
+  """Outcome of a solve, stored as an int32 in `SolverStats.status`.
+
+  The codes are ordered by severity: a batch reports the worst code of its
+  samples.
+  """
+
+  SUCCESSFUL = 0
+  MAX_STEPS_REACHED = 1
+  NONFINITE = 2
+
+  @property
+  def message(self) -> str:
+    return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.SUCCESSFUL: "every sample reached the tolerance",
+    Status.MAX_STEPS_REACHED: (
+        "max_steps was reached before every sample reached the tolerance; the"
+        " value returned for those samples is the best iterate seen (raise"
+        " max_steps, loosen tol, or try another solver)"
+    ),
+    Status.NONFINITE: (
+        "the map produced a non-finite value (NaN or inf) for some samples; the"
+        " value returned for those samples is the last finite best iterate and"
+        " is flagged as not converged"
+    ),
+}
+
+
+class SolverStats(NamedTuple):
+  """Diagnostics of one solve. All fields are arrays, usable under `jax.jit`.
+
+  Attributes:
+    num_steps: () int32, solver steps taken by the loop (the slowest sample).
+    residual: (batch,) residual of the returned value of each sample.
+    converged: (batch,) bool, whether each sample met the tolerance.
+    trace: (max_steps, batch) residual after each step, NaN past the last one.
+    status: () int32, a `Status` code: the worst over the batch.
+    sample_steps: (batch,) int32, steps each sample took before it was frozen.
+  """
+
+  num_steps: jax.Array
+  residual: jax.Array
+  converged: jax.Array
+  trace: jax.Array
+  status: jax.Array
+  sample_steps: jax.Array
+
+
+class Solution(NamedTuple):
+  """What `jaxdeq.fixed_point` returns.
+
+  Attributes:
+    value: the fixed point z*, same shape and dtype as `z0`.
+    stats: a `SolverStats` of the forward solve.
+  """
+
+  value: Any
+  stats: SolverStats
+
+
+class FixedPointError(RuntimeError):
+  """Raised by `fixed_point(..., throw=True)` when a solve fails."""
+
+
+def failure_message(status: int, residual: Any, tol: float, where: str) -> str:
+  """Readable text for a failed solve, naming the worst samples."""
+  status = Status(int(status))
+  residual = np.asarray(residual).reshape(-1)
+  finite = np.isfinite(residual)
+  lines = [f"jaxdeq: the {where} solve failed: {status.message}."]
+  bad = np.flatnonzero(~(residual <= tol))
+  if bad.size:
+    shown = ", ".join(
+        f"{i}: {residual[i]:.3g}" for i in bad[:8]
+    ) + (" ..." if bad.size > 8 else "")
+    lines.append(
+        f"{bad.size} of {residual.size} samples above tol={tol:g}"
+        f" (sample: residual) {shown}."
+    )
+  if not finite.all():
+    lines.append(f"{int((~finite).sum())} samples have non-finite residuals.")
+  return " ".join(lines)
+
+
+def raise_if_failed(status: jax.Array, residual: jax.Array, tol: float,
+                    where: str) -> None:
+  """Raises `FixedPointError` when `status` is not SUCCESSFUL.
+
+  Concrete values are checked at once; traced ones through a host callback, so
+  the error surfaces when the jitted computation runs.
+  """
+
+  def check(status, residual):
+    if int(status) != Status.SUCCESSFUL:
+      raise FixedPointError(failure_message(status, residual, tol, where))
+
+  if isinstance(status, jax.core.Tracer):
+    jax.debug.callback(check, status, residual)
+  else:
+    check(status, residual)
+
+
+def batch_status(converged: jax.Array, nonfinite: jax.Array) -> jax.Array:
+  """The worst `Status` over a batch of per-sample flags."""
+  not_converged = jnp.any(~converged)
+  return jnp.where(
+      jnp.any(nonfinite),
+      Status.NONFINITE,
+      jnp.where(not_converged, Status.MAX_STEPS_REACHED, Status.SUCCESSFUL),
+  ).astype(jnp.int32)

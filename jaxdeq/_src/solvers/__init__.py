@@ -1,0 +1,1 @@
+"""Fixed-point solvers: configuration objects run by one loop driver."""

@@ -1,0 +1,105 @@
+"""The interface every fixed-point solver implements."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Map = Callable[[jax.Array, Any], jax.Array]
+
+
+def batched_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per-sample inner product of two (batch, ...) arrays: shape (batch,)."""
+  return jnp.sum((a * b).reshape(a.shape[0], -1), axis=1)
+
+
+def per_sample(mask: jax.Array, like: jax.Array) -> jax.Array:
+  """Broadcasts a (batch,) mask against a (batch, ...) array."""
+  return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedPointSolver:
+  """Configuration shared by all solvers; subclasses add `init` and `step`.
+
+  A solver holds configuration only. The loop driver (`jaxdeq._src.loop`)
+  evaluates the map once per step and hands each solver the current iterate
+  `z` together with `fz = f(z, args)`, so that stopping, freezing of converged
+  samples, the best-iterate rule and the residual trace are the same for every
+  solver and no solver pays for an extra evaluation of `f`.
+
+  Attributes:
+    tol: residual tolerance per sample (> 0).
+    max_steps: most solver steps (>= 1).
+    relative: residual ||f(z) - z|| / (||f(z)|| + eps) when True (the default),
+      the absolute ||f(z) - z|| when False.
+    eps: guards the relative residual against ||f(z)|| = 0.
+  """
+
+  tol: float = 1e-4
+  max_steps: int = 50
+  relative: bool = dataclasses.field(default=True, kw_only=True)
+  eps: float = dataclasses.field(default=1e-5, kw_only=True)
+
+  def __post_init__(self):
+    check_number(self, "tol", positive=True)
+    check_int(self, "max_steps", minimum=1)
+    check_number(self, "eps", positive=False)
+    if not isinstance(self.relative, bool):
+      raise TypeError(
+          f"{type(self).__name__}: relative must be a bool, got"
+          f" {self.relative!r}")
+
+  def init(self, f: Map, z: jax.Array, fz: jax.Array, args: Any) -> Any:
+    """Returns the solver's state before the first step."""
+    raise NotImplementedError
+
+  def step(self, f: Map, z: jax.Array, fz: jax.Array, args: Any, state: Any,
+           step_index: jax.Array) -> tuple[jax.Array, Any]:
+    """Returns the next iterate and state from `z` and `fz = f(z, args)`.
+
+    Args:
+      f: the map, batched over the leading axis.
+      z: (batch, ...) current iterate.
+      fz: f(z, args).
+      args: the map's arguments.
+      state: the solver's state.
+      step_index: () int32, the number of steps taken before this one.
+    """
+    raise NotImplementedError
+
+  def adjoint_solver(self) -> "FixedPointSolver":
+    """The solver `ImplicitAdjoint` uses by default for the backward system.
+
+    The backward map is u -> u . df/dz(z*) + g, called with args
+    `(z_star, args, g)`. Solvers that need more than the map (Newton's
+    closed-form Jacobian) override this.
+    """
+    return self
+
+
+def check_number(obj, name: str, positive: bool) -> None:
+  value = getattr(obj, name)
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(
+        f"{type(obj).__name__}: {name} must be a real number, got {value!r}")
+  if positive and not value > 0:
+    raise ValueError(f"{type(obj).__name__}: {name} must be > 0, got {value!r}")
+  if not positive and not value >= 0:
+    raise ValueError(
+        f"{type(obj).__name__}: {name} must be >= 0, got {value!r}")
+
+
+def check_int(obj, name: str, minimum: int) -> None:
+  value = getattr(obj, name)
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(
+        f"{type(obj).__name__}: {name} must be an integer, got {value!r}")
+  if value < minimum:
+    raise ValueError(
+        f"{type(obj).__name__}: {name} must be >= {minimum}, got {value!r}")
+

@@ -1,0 +1,257 @@
+"""Gradients: finite differences in float64, implicit vs unrolled, phantom."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxdeq
+
+
+def tanh_problem(dim=5, batch=3, dtype=jnp.float64, seed=0):
+  key_w, key_x = jax.random.split(jax.random.key(seed))
+  bound = 1 / np.sqrt(dim)
+  w = jax.random.uniform(key_w, (dim, dim), dtype, -bound, bound)
+  x = jax.random.normal(key_x, (batch, dim), dtype)
+  return w, x
+
+
+def tanh_map(z, args):
+  w, x = args
+  return jnp.tanh(z @ w + x)
+
+
+def tanh_jacobian(z, args):
+  w, x = args
+  sech2 = 1 - jnp.tanh(z @ w + x) ** 2
+  return jnp.eye(w.shape[0], dtype=z.dtype) - sech2[:, :, None] * w.T
+
+
+def solve_fn(solver, adjoint):
+  def solve(w, x):
+    sol = jaxdeq.fixed_point(tanh_map, jnp.zeros_like(x), (w, x),
+                             solver=solver, adjoint=adjoint)
+    # A fixed random readout makes every entry of z* matter.
+    return jnp.sum(jnp.sin(3 * sol.value))
+  return solve
+
+
+SOLVERS = {
+    "iteration": jaxdeq.FixedPointIteration(1e-10, 500),
+    "anderson": jaxdeq.Anderson(1e-10, 200),
+    "broyden": jaxdeq.Broyden(1e-10, 200),
+    "newton": jaxdeq.Newton(1e-10, 50),
+    "newton_closed_form": jaxdeq.Newton(1e-10, 50, jacobian=tanh_jacobian),
+}
+
+
+@pytest.mark.parametrize("solver", SOLVERS.values(), ids=SOLVERS.keys())
+@pytest.mark.parametrize("adjoint", [jaxdeq.ImplicitAdjoint(),
+                                     jaxdeq.UnrolledAdjoint()],
+                         ids=["implicit", "unrolled"])
+def test_gradient_matches_finite_differences(solver, adjoint, x64):
+  w, x = tanh_problem()
+  check_grads(solve_fn(solver, adjoint), (w, x), order=1, modes=["rev"],
+              eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["iteration", "anderson", "broyden",
+                                  "newton"])
+def test_implicit_equals_unrolled_at_convergence(name, x64):
+  w, x = tanh_problem(dim=6, batch=4, seed=3)
+  solver = SOLVERS[name]
+  implicit = jax.grad(solve_fn(solver, jaxdeq.ImplicitAdjoint()),
+                      argnums=(0, 1))(w, x)
+  unrolled = jax.grad(solve_fn(solver, jaxdeq.UnrolledAdjoint()),
+                      argnums=(0, 1))(w, x)
+  # Broyden's unrolled gradient also differentiates its secant updates.
+  chex.assert_trees_all_close(implicit, unrolled, atol=1e-7, rtol=1e-6)
+
+
+def test_phantom_close_to_implicit_on_contraction(x64):
+  w, x = tanh_problem(dim=6, batch=4, seed=5)
+  w = 0.5 * w  # a strong contraction: phantom steps converge quickly
+  solver = jaxdeq.Anderson(1e-10, 100)
+  implicit = jax.grad(solve_fn(solver, jaxdeq.ImplicitAdjoint()))(w, x)
+  phantom = jax.grad(solve_fn(solver, jaxdeq.PhantomAdjoint(
+      steps=12, damping=1.0)))(w, x)
+  chex.assert_trees_all_close(phantom, implicit, rtol=1e-3, atol=1e-5)
+  rough = jax.grad(solve_fn(solver, jaxdeq.PhantomAdjoint()))(w, x)
+  cosine = jnp.vdot(rough, implicit) / (jnp.linalg.norm(rough)
+                                        * jnp.linalg.norm(implicit))
+  assert float(cosine) > 0.95
+
+
+def test_phantom_value_is_the_fixed_point():
+  w, x = tanh_problem(dtype=jnp.float32)
+  solver = jaxdeq.Anderson(1e-6, 100)
+  exact = jaxdeq.fixed_point(tanh_map, jnp.zeros_like(x), (w, x),
+                             solver=solver).value
+  phantom = jaxdeq.fixed_point(tanh_map, jnp.zeros_like(x), (w, x),
+                               solver=solver,
+                               adjoint=jaxdeq.PhantomAdjoint()).value
+  np.testing.assert_array_equal(phantom, exact)
+
+
+def reference_unrolled(f, z0, args, steps):
+  """Autodiff through the same number of plain iterations, in Python."""
+  z = z0
+  for _ in range(steps):
+    z = f(z, args)
+  return z
+
+
+def test_unrolled_is_exact_backprop_of_the_steps_taken(x64):
+  w, x = tanh_problem(dim=4, batch=1, seed=1)
+  solver = jaxdeq.FixedPointIteration(1e-3, 400)  # stops early, far from z*
+  z0 = 0.1 * jnp.ones_like(x)
+  sol = jaxdeq.fixed_point(tanh_map, z0, (w, x), solver=solver)
+  steps = int(sol.stats.num_steps)
+  assert bool(jnp.all(sol.stats.sample_steps == steps))
+
+  def ours(z0, w, x):
+    return jnp.sum(jnp.sin(jaxdeq.fixed_point(
+        tanh_map, z0, (w, x), solver=solver,
+        adjoint=jaxdeq.UnrolledAdjoint()).value))
+
+  def theirs(z0, w, x):
+    return jnp.sum(jnp.sin(reference_unrolled(tanh_map, z0, (w, x), steps)))
+
+  chex.assert_trees_all_close(
+      jax.grad(ours, argnums=(0, 1, 2))(z0, w, x),
+      jax.grad(theirs, argnums=(0, 1, 2))(z0, w, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_steps", [1, 2, 7, 16, 17, 50])
+def test_unrolled_checkpoint_segments(max_steps, x64):
+  # Every segment length and boundary case: gradients equal the reference.
+  w, x = tanh_problem(dim=3, batch=2, seed=2)
+  solver = jaxdeq.FixedPointIteration(1e-14, max_steps)
+  ours = jax.grad(lambda w: jnp.sum(jaxdeq.fixed_point(
+      tanh_map, jnp.zeros_like(x), (w, x), solver=solver,
+      adjoint=jaxdeq.UnrolledAdjoint()).value))(w)
+  theirs = jax.grad(lambda w: jnp.sum(reference_unrolled(
+      tanh_map, jnp.zeros_like(x), (w, x), max_steps)))(w)
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_unrolled_cost_follows_steps_taken_not_max_steps():
+  calls = []
+
+  def f(z, a):
+    jax.debug.callback(lambda: calls.append(1))
+    return 0.5 * z + a
+
+  grad = jax.grad(lambda a: jnp.sum(jaxdeq.fixed_point(
+      f, jnp.zeros((1, 1)), a, solver=jaxdeq.FixedPointIteration(1e-3, 10_000),
+      adjoint=jaxdeq.UnrolledAdjoint()).value))
+  jax.block_until_ready(grad(jnp.ones((1, 1))))
+  jax.effects_barrier()
+  # ~13 steps: forward, replay and VJP each evaluate f about once per step.
+  assert 0 < len(calls) < 60
+
+
+def test_implicit_gradient_wrt_z0_is_zero_and_unrolled_is_not():
+  x = jnp.ones((2, 3))
+  f = lambda z, x: 0.5 * jnp.tanh(z) + x
+
+  def out(z0, adjoint, tol):
+    return jnp.sum(jaxdeq.fixed_point(
+        f, z0, x, solver=jaxdeq.FixedPointIteration(tol, 3),
+        adjoint=adjoint).value)
+
+  z0 = jnp.zeros((2, 3))
+  g_implicit = jax.grad(out)(z0, jaxdeq.ImplicitAdjoint(), 1e-3)
+  g_unrolled = jax.grad(out)(z0, jaxdeq.UnrolledAdjoint(), 1e-3)
+  np.testing.assert_array_equal(g_implicit, 0.0)
+  assert float(jnp.abs(g_unrolled).sum()) > 0
+
+
+def test_integer_and_none_leaves_in_args():
+  def f(z, args):
+    x, count, _ = args
+    return 0.5 * jnp.tanh(z) + x * count.astype(z.dtype)
+
+  for adjoint in [jaxdeq.ImplicitAdjoint(), jaxdeq.UnrolledAdjoint(),
+                  jaxdeq.PhantomAdjoint()]:
+    g = jax.grad(lambda x: jnp.sum(jaxdeq.fixed_point(
+        f, jnp.zeros((2, 3)), (x, jnp.array(2), None),
+        adjoint=adjoint).value))(jnp.ones((2, 3)))
+    chex.assert_tree_all_finite(g)
+
+
+def test_newton_implicit_uses_transposed_closed_form(x64):
+  # The tutorial's implicit Newton layer: backward solved with J^T.
+  w, x = tanh_problem(dim=5, batch=3, seed=4)
+  solver = jaxdeq.Newton(1e-10, 40, jacobian=tanh_jacobian)
+  calls = []
+
+  def jacobian(z, args):
+    jax.debug.callback(lambda: calls.append(1))
+    return tanh_jacobian(z, args)
+
+  counted = jaxdeq.Newton(1e-10, 40, jacobian=jacobian)
+  g = jax.grad(solve_fn(counted, jaxdeq.ImplicitAdjoint()))(w, x)
+  jax.effects_barrier()
+  assert calls  # the closed form was used, no jacfwd
+  g_ref = jax.grad(solve_fn(solver, jaxdeq.UnrolledAdjoint()))(w, x)
+  chex.assert_trees_all_close(g, g_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_backward_probe_reports_backward_stats():
+  w, x = tanh_problem(dtype=jnp.float32)
+
+  def loss(w, probe):
+    sol = jaxdeq.fixed_point(tanh_map, jnp.zeros_like(x), (w, x),
+                             solver=jaxdeq.Anderson(1e-5, 50),
+                             backward_probe=probe)
+    return jnp.sum(sol.value ** 2)
+
+  g_w, g_probe = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+      w, jaxdeq.backward_probe())
+  stats = jaxdeq.BackwardStats.from_probe_grad(g_probe)
+  assert 0 < int(stats.num_steps) <= 50
+  assert 0 <= float(stats.residual) <= 1e-5
+  assert int(stats.not_converged) == 0
+  # The probe changes no other gradient.
+  g_plain = jax.grad(lambda w: loss(w, None))(w)
+  chex.assert_trees_all_close(g_w, g_plain)
+
+
+def test_backward_failure_is_reported_not_zeroed():
+  w, x = tanh_problem(dtype=jnp.float32)
+  backward = jaxdeq.ImplicitAdjoint(solver=jaxdeq.FixedPointIteration(1e-9, 2))
+  seen = []
+  callback_adjoint = jaxdeq.ImplicitAdjoint(
+      solver=jaxdeq.FixedPointIteration(1e-9, 2),
+      callback=lambda stats: seen.append(int(stats.status)))
+
+  def loss(w, probe, adjoint, throw=False):
+    sol = jaxdeq.fixed_point(tanh_map, jnp.zeros_like(x), (w, x),
+                             solver=jaxdeq.Anderson(1e-6, 50),
+                             adjoint=adjoint, backward_probe=probe,
+                             throw=throw)
+    return jnp.sum(sol.value)
+
+  g_w, g_probe = jax.grad(loss, argnums=(0, 1))(
+      w, jaxdeq.backward_probe(), backward)
+  assert int(jaxdeq.BackwardStats.from_probe_grad(g_probe).not_converged) == 3
+  assert float(jnp.abs(g_w).sum()) > 0  # best iterate, not zeros
+  jax.grad(loss)(w, None, callback_adjoint)
+  jax.effects_barrier()
+  assert seen == [jaxdeq.Status.MAX_STEPS_REACHED]
+  with pytest.raises(Exception, match="backward solve failed"):
+    jax.block_until_ready(jax.grad(loss)(w, None, backward, True))
+
+
+def test_grad_under_jit_and_vmap():
+  w, x = tanh_problem(dtype=jnp.float32)
+  grad = jax.jit(jax.grad(solve_fn(jaxdeq.Anderson(1e-6, 100),
+                                   jaxdeq.ImplicitAdjoint())))
+  chex.assert_tree_all_finite(grad(w, x))
+  per_problem = jax.vmap(grad, in_axes=(0, None))(jnp.stack([w, 0.5 * w]), x)
+  chex.assert_shape(per_problem, (2,) + w.shape)
+  chex.assert_trees_all_close(per_problem[1], grad(0.5 * w, x), rtol=1e-4,
+                              atol=1e-6)

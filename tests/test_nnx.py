@@ -1,0 +1,169 @@
+"""Flax NNX cells and the DEQ module."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import jaxdeq
+from jaxdeq.nnx import DEQ, ResNetCell, TanhCell, conv2d_same
+
+
+def test_tanh_cell_init_matches_torch_linear_bounds():
+  cell = TanhCell(100, rngs=nnx.Rngs(0))
+  kernel = np.asarray(cell.kernel[...])
+  assert kernel.shape == (100, 100)
+  assert np.abs(kernel).max() <= 0.1 and np.abs(kernel).max() > 0.09
+
+
+def test_tanh_cell_jacobian_is_exact(x64):
+  cell = TanhCell(6, rngs=nnx.Rngs(1), param_dtype=jnp.float64)
+  z = jax.random.normal(jax.random.key(0), (3, 6), jnp.float64)
+  x = jax.random.normal(jax.random.key(1), (3, 6), jnp.float64)
+  per_sample = jax.vmap(jax.jacfwd(lambda z, x: z - cell(z[None], x[None])[0]))
+  chex.assert_trees_all_close(cell.jacobian(z, x), per_sample(z, x),
+                              atol=1e-12)
+
+
+def test_conv_custom_vjp_matches_stock_gradient(x64):
+  key_x, key_k, key_g = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(key_x, (2, 6, 5, 3), jnp.float64)
+  kernel = jax.random.normal(key_k, (3, 3, 3, 4), jnp.float64)
+  g = jax.random.normal(key_g, (2, 6, 5, 4), jnp.float64)
+  stock = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours = jax.vjp(conv2d_same, x, kernel)[1](g)
+  theirs = jax.vjp(stock, x, kernel)[1](g)
+  chex.assert_trees_all_close(ours, theirs, atol=1e-10)
+  check_grads(conv2d_same, (x, kernel), order=1, modes=["rev"])
+  with pytest.raises(ValueError, match="odd"):
+    jax.grad(lambda k: conv2d_same(x, k).sum())(jnp.ones((2, 2, 3, 4)))
+
+
+def test_resnet_cell_matches_tutorial_parameter_count():
+  cell = ResNetCell(48, 64, rngs=nnx.Rngs(0))
+  params = nnx.state(cell, nnx.Param)
+  assert sum(p.size for p in jax.tree.leaves(params)) == 55_616
+  std = float(jnp.std(cell.conv1[...]))
+  assert 0.009 < std < 0.011
+
+
+def test_resnet_cell_bad_config():
+  with pytest.raises(ValueError, match="odd"):
+    ResNetCell(8, 16, kernel_size=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_groups"):
+    ResNetCell(6, 16, num_groups=4, rngs=nnx.Rngs(0))
+
+
+def test_resnet_deq_gradcheck_like_the_tutorial(x64):
+  # The tutorial's check: ResNetLayer(2, 2, num_groups=2), Anderson to 1e-10,
+  # on a 1 x 3 x 3 x 2 input in float64.
+  cell = ResNetCell(2, 2, num_groups=2, rngs=nnx.Rngs(0),
+                    param_dtype=jnp.float64)
+  # Larger weights than N(0, 0.01) so that z* depends visibly on them.
+  cell.conv1.set_value(cell.conv1[...] * 30)
+  cell.conv2.set_value(cell.conv2[...] * 30)
+  deq = DEQ(cell, jaxdeq.Anderson(tol=1e-10, max_steps=500))
+  x = jax.random.normal(jax.random.key(0), (1, 3, 3, 2), jnp.float64)
+  graphdef, params, rest = nnx.split(deq, nnx.Param, ...)
+
+  def out(params, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params, rest, copy=True)(x)))
+
+  check_grads(out, (params, x), order=1, modes=["rev"], eps=1e-5, atol=1e-5,
+              rtol=1e-5)
+
+
+def test_tanh_deq_implicit_equals_unrolled(x64):
+  rngs = nnx.Rngs(0)
+  cell = TanhCell(5, rngs=rngs, param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.key(2), (3, 5), jnp.float64)
+  grads = []
+  for adjoint in [jaxdeq.ImplicitAdjoint(), jaxdeq.UnrolledAdjoint()]:
+    deq = DEQ(cell, jaxdeq.Newton(tol=1e-10, max_steps=40), adjoint)
+    grads.append(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(deq))
+  chex.assert_trees_all_close(grads[0]["cell"], grads[1]["cell"], rtol=1e-8)
+
+
+def mnist_model(layer, rngs):
+  return nnx.Sequential(nnx.Linear(784, 100, rngs=rngs), layer,
+                        nnx.Linear(100, 10, rngs=rngs))
+
+
+def tutorial_layers(rngs):
+  # The tutorial's three MNIST layers, one line each (as in the README).
+  return {
+      "fixed_point": DEQ(TanhCell(100, rngs=rngs), jaxdeq.FixedPointIteration(tol=1e-4, max_steps=200), jaxdeq.UnrolledAdjoint()),  # noqa: E501
+      "newton": DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.UnrolledAdjoint(), z_init=jnp.tanh),  # noqa: E501
+      "newton_implicit": DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.ImplicitAdjoint(), z_init=jnp.tanh),  # noqa: E501
+  }
+
+
+@pytest.mark.parametrize("name", ["fixed_point", "newton", "newton_implicit"])
+def test_tutorial_layers_train_under_nnx_jit(name):
+  rngs = nnx.Rngs(0)
+  model = mnist_model(tutorial_layers(rngs)[name], rngs)
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  chex.clear_trace_counter()  # counts are per function code, across params
+
+  @nnx.jit
+  @chex.assert_max_traces(n=1)
+  def train_step(model, optimizer, x, y):
+    def loss_fn(model):
+      logits = model(x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss, model.layers[1].stats.get_value()
+
+  x = jax.random.normal(jax.random.key(0), (32, 784)) * 0.3
+  y = jnp.arange(32) % 10
+  losses = []
+  for _ in range(4):
+    loss, stats = train_step(model, optimizer, x, y)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  chex.assert_shape(stats.trace, (200 if name == "fixed_point" else 40,))
+  assert 0 < int(stats.num_steps) <= (200 if name == "fixed_point" else 40)
+  assert float(stats.converged_fraction) == 1.0
+  assert float(stats.max_residual) <= 1e-4
+
+
+def test_deq_backward_probe_inside_nnx_grad():
+  rngs = nnx.Rngs(0)
+  deq = DEQ(TanhCell(16, rngs=rngs), jaxdeq.Anderson(tol=1e-5, max_steps=50))
+  x = jax.random.normal(jax.random.key(0), (8, 16))
+  wrt = nnx.DiffState(0, nnx.Any(nnx.Param, jaxdeq.nnx.BackwardProbe))
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=wrt)(deq)
+  stats = jaxdeq.BackwardStats.from_probe_grad(grads["backward_probe"][...])
+  assert 0 < int(stats.num_steps) <= 50
+  assert int(stats.not_converged) == 0
+
+
+def test_resnet_deq_forward_backward_shapes():
+  rngs = nnx.Rngs(0)
+  deq = DEQ(ResNetCell(8, 16, rngs=rngs), jaxdeq.Anderson(1e-3, 30))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(deq)
+  for leaf in jax.tree.leaves(grads):
+    chex.assert_tree_all_finite(leaf)
+  stats = deq.stats.get_value()
+  chex.assert_shape(stats.trace, (30,))
+  chex.assert_shape(deq.solve(x).stats.trace, (30, 2))
+
+
+def test_deq_bad_arguments():
+  cell = TanhCell(4, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="solver"):
+    DEQ(cell, solver="anderson")
+  with pytest.raises(TypeError, match="adjoint"):
+    DEQ(cell, adjoint="implicit")
+  with pytest.raises(ValueError, match="z_init"):
+    DEQ(cell, z_init="ones")
+  with pytest.raises(TypeError, match=r"\(5,\) and \(4,\)"):
+    DEQ(cell)(jnp.ones((2, 5)))

@@ -1,0 +1,293 @@
+"""Forward solves: known fixed points, batching, transforms, stopping rules."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdeq
+
+COS_FIXED_POINT = 0.7390851332151607
+
+SOLVERS = {
+    "fixed_point_iteration": lambda tol, n: jaxdeq.FixedPointIteration(tol, n),
+    "damped_iteration": lambda tol, n: jaxdeq.FixedPointIteration(
+        tol, n, damping=0.7),
+    "anderson": lambda tol, n: jaxdeq.Anderson(tol, n),
+    "anderson_beta": lambda tol, n: jaxdeq.Anderson(tol, n, m=3, beta=0.8),
+    "broyden": lambda tol, n: jaxdeq.Broyden(tol, n),
+    "newton": lambda tol, n: jaxdeq.Newton(tol, n),
+    "newton_gmres": lambda tol, n: jaxdeq.Newton(tol, n,
+                                                 linear_solver="gmres"),
+}
+
+
+def cos_map(z, args):
+  del args
+  return jnp.cos(z)
+
+
+def linear_problem(batch, dim, dtype, seed=0):
+  """z = z A^T + b with ||A|| < 1 per sample; exact solution by LU."""
+  key_a, key_b = jax.random.split(jax.random.key(seed))
+  a = jax.random.normal(key_a, (batch, dim, dim), dtype)
+  a = 0.6 * a / jnp.linalg.norm(a, ord=2, axis=(1, 2), keepdims=True)
+  b = jax.random.normal(key_b, (batch, dim), dtype)
+  exact = jnp.linalg.solve(jnp.eye(dim, dtype=dtype) - a, b[..., None])[..., 0]
+  return (a, b), exact
+
+
+def linear_map(z, args):
+  a, b = args
+  return jnp.einsum("bij,bj->bi", a, z) + b
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_cos_unbatched(name, x64, strict_promotion):
+  sol = jaxdeq.fixed_point(cos_map, jnp.zeros((), jnp.float64), None,
+                           solver=SOLVERS[name](1e-10, 300), batched=False)
+  chex.assert_shape(sol.value, ())
+  np.testing.assert_allclose(sol.value, COS_FIXED_POINT, rtol=1e-8)
+  assert bool(sol.stats.converged)
+  assert int(sol.stats.status) == jaxdeq.Status.SUCCESSFUL
+  chex.assert_shape(sol.stats.trace, (300,))
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_linear_contraction_batched(name, dtype, x64):
+  tol = 1e-5 if dtype == jnp.float32 else 1e-11
+  args, exact = linear_problem(6, 4, dtype)
+  sol = jaxdeq.fixed_point(linear_map, jnp.zeros((6, 4), dtype), args,
+                           solver=SOLVERS[name](tol, 500))
+  assert sol.value.dtype == dtype
+  chex.assert_shape(sol.stats.residual, (6,))
+  assert bool(jnp.all(sol.stats.converged)), sol.stats.residual
+  np.testing.assert_allclose(sol.value, exact,
+                             atol=1e-3 if dtype == jnp.float32 else 1e-8)
+
+
+@pytest.mark.parametrize("name", ["fixed_point_iteration", "anderson",
+                                  "broyden"])
+def test_nhwc_state(name):
+  key = jax.random.key(1)
+  x = jax.random.normal(key, (3, 4, 4, 2))
+  f = lambda z, x: 0.5 * jnp.tanh(z) + x
+  sol = jaxdeq.fixed_point(f, jnp.zeros_like(x), x,
+                           solver=SOLVERS[name](1e-6, 200))
+  chex.assert_shape(sol.value, (3, 4, 4, 2))
+  chex.assert_trees_all_close(sol.value, f(sol.value, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_jit_and_vmap(name):
+  args, exact = linear_problem(4, 3, jnp.float32)
+  solver = SOLVERS[name](1e-6, 300)
+  solve = lambda args: jaxdeq.fixed_point(
+      linear_map, jnp.zeros((4, 3)), args, solver=solver).value
+  chex.assert_trees_all_close(jax.jit(solve)(args), exact, atol=1e-4)
+  # vmap over an extra leading axis of problems.
+  stacked = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), args)
+  stacked = (stacked[0] / 2, stacked[1])
+  out = jax.vmap(solve)(stacked)
+  chex.assert_shape(out, (2, 4, 3))
+  chex.assert_trees_all_close(out[0], solve((args[0] / 2, args[1])),
+                              atol=1e-5)
+
+
+def test_converged_sample_is_frozen():
+  # Sample 0 starts at its fixed point, sample 1 needs many steps.
+  x = jnp.array([[0.0], [5.0]])
+  f = lambda z, x: 0.9 * z + 0.1 * x
+  sol = jaxdeq.fixed_point(f, jnp.array([[0.0], [0.0]]), x,
+                           solver=jaxdeq.FixedPointIteration(1e-4, 500),
+                           adjoint=jaxdeq.ImplicitAdjoint())
+  np.testing.assert_array_equal(sol.stats.sample_steps, [0, sol.stats.num_steps])
+  assert float(sol.value[0, 0]) == 0.0
+  trace = np.asarray(sol.stats.trace)
+  steps = int(sol.stats.num_steps)
+  assert np.all(trace[:steps, 0] == 0.0)  # frozen: residual stays put
+  assert np.all(np.isnan(trace[steps:]))  # NaN past the last step
+  assert np.all(np.isfinite(trace[:steps]))
+
+
+def test_frozen_sample_does_not_change_while_others_iterate():
+  x = jnp.array([[0.1], [3.0]])
+  f = lambda z, x: 0.5 * jnp.sin(z) + x
+  loose = jaxdeq.fixed_point(f, jnp.zeros((2, 1)), x,
+                             solver=jaxdeq.FixedPointIteration(1e-2, 100))
+  # Same first sample alone: it stops at the same step with the same value.
+  alone = jaxdeq.fixed_point(f, jnp.zeros((1, 1)), x[:1],
+                             solver=jaxdeq.FixedPointIteration(1e-2, 100))
+  np.testing.assert_array_equal(loose.value[0], alone.value[0])
+  assert int(loose.stats.sample_steps[0]) == int(alone.stats.num_steps)
+
+
+def test_best_iterate_returned_when_not_converged():
+  # z -> 2 z + 1 diverges from z0 = 0: the absolute residual |z + 1| grows at
+  # every step, so the best iterate is z0 itself.
+  f = lambda z, a: 2.0 * z + 1.0
+  sol = jaxdeq.fixed_point(
+      f, jnp.zeros((1, 1)), None,
+      solver=jaxdeq.FixedPointIteration(1e-6, 10, relative=False))
+  assert int(sol.stats.status) == jaxdeq.Status.MAX_STEPS_REACHED
+  assert not bool(sol.stats.converged[0])
+  assert int(sol.stats.num_steps) == 10
+  trace = np.asarray(sol.stats.trace[:, 0])
+  assert np.all(np.diff(trace) > 0) and trace[0] > 1.0
+  np.testing.assert_allclose(sol.stats.residual[0], 1.0)
+  np.testing.assert_allclose(sol.value[0, 0], 0.0)
+
+
+def test_nan_is_flagged_not_converged():
+  def f(z, a):
+    # Finite for a few steps, then NaN for sample 1 only.
+    blown = jnp.where(z > 2.5, jnp.nan, z + 1.0)
+    return jnp.where(jnp.arange(2)[:, None] == 1, blown, 0.5 * z)
+
+  sol = jaxdeq.fixed_point(f, jnp.ones((2, 1)), None,
+                           solver=jaxdeq.FixedPointIteration(1e-6, 100))
+  assert int(sol.stats.status) == jaxdeq.Status.NONFINITE
+  assert not bool(sol.stats.converged[1])
+  assert bool(sol.stats.converged[0])
+  chex.assert_tree_all_finite(sol.value)
+  # z = 3 maps to NaN; z = 2 was the last iterate with a finite residual.
+  assert float(sol.value[1, 0]) == 2.0
+
+
+def test_throw_raises_readable_error():
+  f = lambda z, a: 2.0 * z + 1.0
+  with pytest.raises(jaxdeq.FixedPointError, match="max_steps"):
+    jaxdeq.fixed_point(f, jnp.zeros((3, 1)), None, throw=True,
+                       solver=jaxdeq.FixedPointIteration(1e-6, 5))
+
+
+def test_throw_under_jit_raises_when_run():
+  f = lambda z, a: 2.0 * z + a
+  solve = jax.jit(lambda a: jaxdeq.fixed_point(
+      f, jnp.zeros((3, 1)), a, throw=True,
+      solver=jaxdeq.FixedPointIteration(1e-6, 5)).value)
+  with pytest.raises(Exception, match="max_steps was reached"):
+    jax.block_until_ready(solve(jnp.ones((3, 1))))
+  # A converging call under the same jit raises nothing.
+  ok = jax.jit(lambda a: jaxdeq.fixed_point(
+      lambda z, a: 0.5 * z + a, jnp.zeros((3, 1)), a, throw=True).value)
+  jax.block_until_ready(ok(jnp.ones((3, 1))))
+
+
+def test_stops_early_and_trace_shape():
+  sol = jaxdeq.fixed_point(cos_map, jnp.zeros((5, 2)), None,
+                           solver=jaxdeq.Anderson(1e-5, 1000))
+  steps = int(sol.stats.num_steps)
+  assert 0 < steps < 60
+  chex.assert_shape(sol.stats.trace, (1000, 5))
+  assert np.all(np.isnan(np.asarray(sol.stats.trace)[steps:]))
+
+
+def test_anderson_singular_gram_does_not_crash():
+  # lam = 0 and a map with an exact fixed point at the start: every stored
+  # residual is zero, the bordered system is singular.
+  f = lambda z, a: jnp.zeros_like(z)
+  sol = jaxdeq.fixed_point(f, jnp.full((2, 3), 1e-30), None,
+                           solver=jaxdeq.Anderson(1e-12, 10, lam=0.0),
+                           adjoint=jaxdeq.ImplicitAdjoint())
+  chex.assert_tree_all_finite(sol.value)
+  f2 = lambda z, a: z  # every point is a fixed point; G = 0 always
+  sol2 = jaxdeq.fixed_point(f2, jnp.ones((2, 3)), None,
+                            solver=jaxdeq.Anderson(1e-12, 10, lam=0.0))
+  chex.assert_tree_all_finite(sol2.value)
+  assert bool(jnp.all(sol2.stats.converged))
+
+
+def test_anderson_lam_zero_on_duplicate_history():
+  # Steps repeat the same point after convergence on sample 0 while sample 1
+  # keeps going: the history of sample 0 fills with duplicates.
+  x = jnp.array([[0.0, 0.0], [2.0, -1.0]])
+  f = lambda z, x: 0.5 * jnp.tanh(z) + x
+  sol = jaxdeq.fixed_point(f, jnp.zeros((2, 2)), x,
+                           solver=jaxdeq.Anderson(1e-7, 100, lam=0.0))
+  chex.assert_tree_all_finite(sol.value)
+  assert bool(jnp.all(sol.stats.converged))
+
+
+def test_absolute_residual():
+  x = jnp.full((2, 3), 1000.0)
+  f = lambda z, x: 0.5 * z + x
+  rel = jaxdeq.fixed_point(f, jnp.zeros_like(x), x,
+                           solver=jaxdeq.FixedPointIteration(1e-3, 200))
+  absolute = jaxdeq.fixed_point(
+      f, jnp.zeros_like(x), x,
+      solver=jaxdeq.FixedPointIteration(1e-3, 200, relative=False))
+  assert int(absolute.stats.num_steps) > int(rel.stats.num_steps)
+  assert float(jnp.max(jnp.abs(f(absolute.value, x) - absolute.value))) < 1e-3
+
+
+def test_work_stops_with_steps_taken_not_max_steps():
+  calls = []
+
+  def f(z, a):
+    jax.debug.callback(lambda: calls.append(1))
+    return 0.5 * z + a
+
+  jaxdeq.fixed_point(f, jnp.zeros((1, 1)), jnp.ones((1, 1)),
+                     solver=jaxdeq.FixedPointIteration(1e-3, 10_000))
+  jax.effects_barrier()
+  assert len(calls) < 30  # one evaluation per step taken, plus f(z0)
+
+
+# ------------------------------------------------------------- bad input ---
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: jaxdeq.Anderson(tol=0.0), ValueError, "tol must be > 0"),
+    (lambda: jaxdeq.Anderson(tol=-1e-3), ValueError, "tol must be > 0"),
+    (lambda: jaxdeq.Anderson(max_steps=0), ValueError, "max_steps"),
+    (lambda: jaxdeq.Anderson(max_steps=2.5), TypeError, "max_steps"),
+    (lambda: jaxdeq.Anderson(m=0), ValueError, "m must be >= 1"),
+    (lambda: jaxdeq.Anderson(lam=-1.0), ValueError, "lam"),
+    (lambda: jaxdeq.Broyden(memory=0), ValueError, "memory"),
+    (lambda: jaxdeq.FixedPointIteration(damping=1.5), ValueError, "damping"),
+    (lambda: jaxdeq.FixedPointIteration(tol="1e-3"), TypeError, "tol"),
+    (lambda: jaxdeq.Newton(linear_solver="qr"), ValueError, "linear_solver"),
+    (lambda: jaxdeq.Newton(jacobian=3), TypeError, "jacobian"),
+    (lambda: jaxdeq.PhantomAdjoint(steps=0), ValueError, "steps"),
+    (lambda: jaxdeq.ImplicitAdjoint(solver="anderson"), TypeError, "solver"),
+])
+def test_bad_options(make, error, match):
+  with pytest.raises(error, match=match):
+    make()
+
+
+def test_shape_mismatch():
+  with pytest.raises(ValueError, match=r"shape \(2, 3\).*\(2, 4\)"):
+    jaxdeq.fixed_point(lambda z, a: jnp.zeros((2, 4)), jnp.zeros((2, 3)))
+
+
+def test_dtype_mismatch(x64):
+  with pytest.raises(ValueError, match="dtype float64 for z of dtype float32"):
+    jaxdeq.fixed_point(lambda z, a: z + a, jnp.zeros((2, 3), jnp.float32),
+                       jnp.ones((2, 3), jnp.float64))
+
+
+def test_integer_state():
+  with pytest.raises(TypeError, match="floating"):
+    jaxdeq.fixed_point(lambda z, a: z, jnp.zeros((2, 3), jnp.int32))
+
+
+def test_scalar_state_needs_unbatched():
+  with pytest.raises(ValueError, match="batched=False"):
+    jaxdeq.fixed_point(cos_map, jnp.zeros(()))
+
+
+def test_bad_solver_and_adjoint_objects():
+  with pytest.raises(TypeError, match="solver"):
+    jaxdeq.fixed_point(cos_map, jnp.zeros((1,)), solver="anderson")
+  with pytest.raises(TypeError, match="adjoint"):
+    jaxdeq.fixed_point(cos_map, jnp.zeros((1,)), adjoint="implicit")
+
+
+def test_bad_newton_jacobian_shape():
+  solver = jaxdeq.Newton(jacobian=lambda z, a: jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="jacobian"):
+    jaxdeq.fixed_point(cos_map, jnp.zeros((2, 3)), solver=solver)
