@@ -1,0 +1,1 @@
+"""Training scripts that reproduce the Deep Implicit Layers tutorial."""

@@ -1,0 +1,1 @@
+"""The tutorial's CIFAR-10 DEQ: conv stem, DEQ ResNet cell, BatchNorm, head."""

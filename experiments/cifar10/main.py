@@ -1,0 +1,31 @@
+"""python -m experiments.cifar10 [--data-dir DIR] [--epochs 50] ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from experiments.cifar10 import train
+from experiments.common import cli, data, training
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.cifar10",
+      description="The Deep Implicit Layers tutorial's CIFAR-10 DEQ in jaxdeq.")
+  cli.add_common_flags(parser, "epochs (default 50, the tutorial's)")
+  args = parser.parse_args(argv)
+  config = training.Config(
+      dataset="cifar10", data_dir=args.data_dir, epochs=args.epochs or 50,
+      batch_size=args.batch_size, seed=args.seed,
+      metrics_out=args.metrics_out, workdir=args.workdir, plots=args.plots,
+      limit_train=args.limit_train, limit_test=args.limit_test,
+      distributed=args.distributed, progress=not args.no_progress)
+  try:
+    train.train_and_evaluate(config)
+  except (data.DataError, ValueError) as error:
+    sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+  main()

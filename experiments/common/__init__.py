@@ -1,0 +1,1 @@
+"""Pieces the experiments share: data readers, the training loop, plots."""

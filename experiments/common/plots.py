@@ -1,0 +1,96 @@
+"""PNG figures: residual traces on a batch and curves over epochs."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxdeq
+from jaxdeq.nnx import DEQ
+
+
+def residual_traces(experiment, model, inputs):
+  """Forward and implicit-backward residual traces of the DEQ on a batch.
+
+  Returns:
+    (forward, backward): arrays (steps, batch); backward is None when the
+    layer's adjoint is not implicit (there is no backward solve to trace).
+  """
+  layer = experiment.deq(model)
+  x = experiment.deq_input(model, inputs)
+  forward = layer.solve(x).stats
+  steps = int(forward.num_steps)
+  forward_trace = np.asarray(forward.trace[:steps])
+  if not isinstance(layer.adjoint, jaxdeq.ImplicitAdjoint):
+    return forward_trace, None
+  captured = []
+  probe = DEQ(layer.cell, layer.solver,
+              jaxdeq.ImplicitAdjoint(solver=layer.adjoint.solver,
+                                     callback=captured.append),
+              z_init=layer.z_init)
+  cotangent = jax.random.normal(jax.random.key(0), x.shape, x.dtype)
+  grad = nnx.grad(lambda probe, x: jnp.vdot(probe(x), cotangent), argnums=1)
+  jax.block_until_ready(grad(probe, x))
+  jax.effects_barrier()
+  stats = captured[-1]
+  return forward_trace, np.asarray(stats.trace[:int(stats.num_steps)])
+
+
+def write_all(directory: str, experiment, model, history, inputs) -> list[str]:
+  """Writes residuals.png and curves.png into `directory`; returns the paths."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  os.makedirs(directory, exist_ok=True)
+  model.eval()
+  forward, backward = residual_traces(experiment, model, inputs)
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for trace, label, color in ((forward, "forward", "C0"),
+                              (backward, "backward", "C1")):
+    if trace is None or trace.size == 0:
+      continue
+    steps = np.arange(1, len(trace) + 1)
+    ax.semilogy(steps, np.nanmax(trace, axis=1), color=color,
+                label=f"{label} (worst sample)")
+    ax.semilogy(steps, np.nanmedian(trace, axis=1), color=color, ls="--",
+                label=f"{label} (median)")
+  tol = experiment.deq(model).solver.tol
+  ax.axhline(tol, color="gray", lw=0.8, ls=":", label=f"tol {tol:g}")
+  ax.set_xlabel("solver step")
+  ax.set_ylabel("relative residual")
+  ax.set_title(f"{experiment.name}: residuals on one test batch")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(directory, "residuals.png"))
+  fig.savefig(paths[-1])
+  plt.close(fig)
+
+  if history:
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    left.plot(epochs, [r["train_error"] for r in history], "o-", label="train")
+    left.plot(epochs, [r["test_error"] for r in history], "o-", label="test")
+    left.set_xlabel("epoch")
+    left.set_ylabel("error")
+    left.legend()
+    right.plot(epochs, [r["forward_steps"] for r in history], "o-",
+               label="forward (train)")
+    right.plot(epochs, [r["backward_steps"] for r in history], "o-",
+               label="backward (train)")
+    right.set_xlabel("epoch")
+    right.set_ylabel("solver steps per batch")
+    right.legend()
+    fig.suptitle(experiment.name)
+    fig.tight_layout()
+    paths.append(os.path.join(directory, "curves.png"))
+    fig.savefig(paths[-1])
+    plt.close(fig)
+  return paths

@@ -1,0 +1,1 @@
+"""The tutorial's MNIST experiment: 784 -> 100 -> equilibrium layer -> 10."""

@@ -1,0 +1,4 @@
+from experiments.mnist.main import main
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,163 @@
+"""End-to-end runs of the experiments on small data, on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments.cifar10 import train as cifar_train
+from experiments.common import training
+from experiments.mnist import train as mnist_train
+from tests import helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+  return str(helpers.write_mnist_like(tmp_path_factory.mktemp("idx"),
+                                      n_train=400, n_test=100))
+
+
+def mnist_config(data_dir, tmp_path, **overrides):
+  settings = dict(dataset="mnist", data_dir=data_dir, epochs=2,
+                  batch_size=50, seed=0, progress=False,
+                  metrics_out=str(tmp_path / "metrics.jsonl"))
+  settings.update(overrides)
+  return training.Config(**settings)
+
+
+def read_metrics(path):
+  with open(path) as handle:
+    return [json.loads(line) for line in handle]
+
+
+@pytest.mark.parametrize("layer", ["fixed_point", "newton",
+                                   "newton_implicit", "deq"])
+def test_mnist_layer_trains(layer, mnist_dir, tmp_path):
+  config = mnist_config(mnist_dir, tmp_path)
+  history = mnist_train.train_and_evaluate(config, layer)
+  rows = read_metrics(config.metrics_out)
+  assert rows == history and [r["epoch"] for r in rows] == [1, 2]
+  for row in rows:
+    assert set(training.METRIC_KEYS) <= set(row)
+    assert 0 <= row["test_error"] <= 1 and row["skipped_steps"] == 0
+    assert row["forward_steps"] >= 1
+  assert rows[1]["train_loss"] < rows[0]["train_loss"]
+  if layer in ("newton_implicit", "deq"):
+    assert rows[0]["backward_steps"] >= 1
+  else:
+    assert rows[0]["backward_steps"] == 0
+
+
+def test_cifar10_trains_and_plots(tmp_path):
+  data_dir = helpers.write_cifar_like(tmp_path / "cifar", per_batch=20)
+  config = training.Config(
+      dataset="cifar10", data_dir=str(data_dir), epochs=2, batch_size=20,
+      progress=False, metrics_out=str(tmp_path / "m.jsonl"),
+      plots=str(tmp_path / "plots"))
+  history = cifar_train.train_and_evaluate(config)
+  assert history[1]["train_loss"] < history[0]["train_loss"]
+  assert read_metrics(config.metrics_out) == history
+  for name in ("residuals.png", "curves.png"):
+    with open(tmp_path / "plots" / name, "rb") as handle:
+      assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_gives_the_uninterrupted_numbers(mnist_dir, tmp_path):
+  straight = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path / "a", epochs=3), "deq")
+  workdir = str(tmp_path / "work")
+  first = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path / "b", epochs=2, workdir=workdir),
+      "deq")
+  resumed = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path / "b", epochs=3, workdir=workdir),
+      "deq")
+  assert resumed[:2] == first
+  for key in ("train_error", "train_loss", "test_error", "test_loss",
+              "forward_steps", "backward_steps"):
+    assert [r[key] for r in resumed] == [r[key] for r in straight], key
+
+
+def test_nan_guard_skips_steps(mnist_dir, tmp_path, monkeypatch):
+  # Batches whose first pixel is odd become NaN: their gradients are not
+  # finite, so those steps must leave the parameters untouched.
+  import jax.numpy as jnp
+  from experiments.mnist import input_pipeline
+  clean = input_pipeline.preprocess
+
+  def poisoned(images):
+    x = clean(images)
+    return jnp.where(images.reshape(-1)[0] % 2 == 1, jnp.nan, x)
+
+  monkeypatch.setattr(input_pipeline, "preprocess", poisoned)
+  history = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path, epochs=2), "deq")
+  steps = 400 // 50
+  for row in history:
+    assert 1 <= row["skipped_steps"] < steps
+  # Parameters stayed finite: clean test batches still give finite losses,
+  # and training made progress on the clean batches.
+  assert history[1]["train_error"] < 0.9
+
+
+def run_cli(args, env=None, **kwargs):
+  return subprocess.run([sys.executable, "-m", "experiments.mnist", *args],
+                        cwd=REPO, capture_output=True, text=True,
+                        env=env, **kwargs)
+
+
+def test_four_devices_match_one_device(mnist_dir, tmp_path):
+  args = ["--layer", "deq", "--data-dir", mnist_dir, "--epochs", "1",
+          "--batch-size", "100", "--no-progress"]
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  one = run_cli(args + ["--metrics-out", str(tmp_path / "one.jsonl")],
+                env=env, timeout=300)
+  assert one.returncode == 0, one.stderr
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  four = run_cli(args + ["--metrics-out", str(tmp_path / "four.jsonl")],
+                 env=env, timeout=300)
+  assert four.returncode == 0, four.stderr
+  assert "4 device(s)" in four.stdout
+  a, b = read_metrics(tmp_path / "one.jsonl"), read_metrics(
+      tmp_path / "four.jsonl")
+  for key in ("train_loss", "test_loss", "train_error", "test_error"):
+    np.testing.assert_allclose(b[0][key], a[0][key], rtol=1e-4, atol=1e-4,
+                               err_msg=key)
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume(mnist_dir, tmp_path):
+  args = ["--layer", "deq", "--data-dir", mnist_dir, "--epochs", "4",
+          "--batch-size", "50", "--no-progress"]
+  straight = run_cli(args + ["--metrics-out", str(tmp_path / "s.jsonl")],
+                     timeout=600)
+  assert straight.returncode == 0, straight.stderr
+  workdir = tmp_path / "work"
+  metrics = tmp_path / "k.jsonl"
+  process = subprocess.Popen(
+      [sys.executable, "-m", "experiments.mnist", *args, "--workdir",
+       str(workdir), "--metrics-out", str(metrics)], cwd=REPO,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # kill once epoch 2 is checkpointed
+    if metrics.exists() and len(read_metrics(metrics)) >= 2:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  resumed = run_cli(args + ["--workdir", str(workdir), "--metrics-out",
+                            str(metrics)], timeout=600)
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resuming after epoch" in resumed.stdout
+  for a, b in zip(read_metrics(metrics), read_metrics(tmp_path / "s.jsonl"),
+                  strict=True):
+    for key in ("train_error", "train_loss", "test_error", "test_loss"):
+      assert a[key] == b[key], key
