@@ -58,9 +58,9 @@ def write_all(directory: str, experiment, model, history, inputs) -> list[str]:
     if trace is None or trace.size == 0:
       continue
     steps = np.arange(1, len(trace) + 1)
-    ax.semilogy(steps, np.nanmax(trace, axis=1), color=color,
+    ax.semilogy(steps, np.nanmax(trace, axis=1), ".-", color=color,
                 label=f"{label} (worst sample)")
-    ax.semilogy(steps, np.nanmedian(trace, axis=1), color=color, ls="--",
+    ax.semilogy(steps, np.nanmedian(trace, axis=1), ".--", color=color,
                 label=f"{label} (median)")
   tol = experiment.deq(model).solver.tol
   ax.axhline(tol, color="gray", lw=0.8, ls=":", label=f"tol {tol:g}")
