@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -157,11 +157,9 @@ class _Checkpoints:
       return 0, []
     step = self.manager.latest_step()
     state = nnx.state((model, optimizer))
-    target = {"state": nnx.to_pure_dict(state),
-              "history": np.zeros((0,), np.uint8)}
     restored = self.manager.restore(
         step, args=self._ocp.args.Composite(
-            state=self._ocp.args.StandardRestore(target["state"]),
+            state=self._ocp.args.StandardRestore(nnx.to_pure_dict(state)),
             history=self._ocp.args.JsonRestore()))
     nnx.replace_by_pure_dict(state, restored["state"])
     nnx.update((model, optimizer), state)

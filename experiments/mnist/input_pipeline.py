@@ -1,21 +1,11 @@
-"""MNIST / Fashion-MNIST input: offline IDX files or tfds, scaled to [0, 1]."""
+"""MNIST / Fashion-MNIST input, read by `experiments.common.data.load`."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from experiments.common import data
-
 DATASETS = ("mnist", "fashion_mnist")
-
-
-def load(name: str, data_dir: str | None) -> data.Dataset:
-  """The data set as uint8 arrays (see `experiments.common.data.load`)."""
-  if name not in DATASETS:
-    raise data.DataError(f"unknown --dataset {name!r}; choose one of"
-                         f" {', '.join(DATASETS)}")
-  return data.load(name, data_dir)
 
 
 def preprocess(images: jax.Array) -> jax.Array:

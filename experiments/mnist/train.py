@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import optax
-from flax import nnx
 
 from experiments.common import training
 from experiments.mnist import input_pipeline, models
@@ -19,7 +18,9 @@ def make_optimizer(steps_per_epoch: int, epochs: int):
 
 
 def experiment(layer: str) -> training.Experiment:
-  models.make_model(layer, nnx.Rngs(0))  # validates the name early
+  if layer not in models.LAYERS:
+    raise ValueError(f"unknown --layer {layer!r}; choose one of"
+                     f" {', '.join(models.LAYERS)}")
   return training.Experiment(
       name=f"mnist/{layer}",
       make_model=functools.partial(models.make_model, layer),
