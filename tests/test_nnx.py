@@ -98,7 +98,7 @@ def tutorial_layers(rngs):
   # The tutorial's three MNIST layers, one line each (as in the README).
   return {
       "fixed_point": DEQ(TanhCell(100, rngs=rngs), jaxdeq.FixedPointIteration(tol=1e-4, max_steps=200), jaxdeq.UnrolledAdjoint()),  # noqa: E501
-      "newton": DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.UnrolledAdjoint(), z_init=jnp.tanh),  # noqa: E501
+      "newton": DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.UnrolledAdjoint(), z_init=jnp.tanh, unconverged="zero"),  # noqa: E501
       "newton_implicit": DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.ImplicitAdjoint(), z_init=jnp.tanh),  # noqa: E501
   }
 
@@ -165,5 +165,25 @@ def test_deq_bad_arguments():
     DEQ(cell, adjoint="implicit")
   with pytest.raises(ValueError, match="z_init"):
     DEQ(cell, z_init="ones")
+  with pytest.raises(ValueError, match="unconverged"):
+    DEQ(cell, unconverged="drop")
   with pytest.raises(TypeError, match=r"\(5,\) and \(4,\)"):
     DEQ(cell)(jnp.ones((2, 5)))
+
+
+def test_unconverged_zero_gives_zero_value_and_gradient():
+  rngs = nnx.Rngs(0)
+  cell = TanhCell(4, rngs=rngs)
+  cell.kernel.set_value(cell.kernel[...] * 20)  # far from a contraction
+  x = jax.random.normal(jax.random.key(0), (6, 4))
+  solver = jaxdeq.FixedPointIteration(tol=1e-6, max_steps=3)
+  keep = DEQ(cell, solver, jaxdeq.UnrolledAdjoint())
+  zero = DEQ(cell, solver, jaxdeq.UnrolledAdjoint(), unconverged="zero")
+  converged = keep.solve(x).stats.converged[:, None]
+  assert bool(converged.any()) and not bool(converged.all())
+  np.testing.assert_array_equal(zero(x), jnp.where(converged, keep(x), 0.0))
+  grad_zero = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(zero)
+  grad_masked = nnx.grad(
+      lambda m: jnp.sum(jnp.where(converged, m(x), 0.0) ** 2))(keep)
+  chex.assert_trees_all_close(grad_zero["cell"]["kernel"][...],
+                              grad_masked["cell"]["kernel"][...])

@@ -88,6 +88,11 @@ class DEQ(nnx.Module):
     adjoint: a jaxdeq adjoint; default `ImplicitAdjoint()`.
     z_init: "zeros" (z0 = 0 shaped like x) or a function x -> z0.
     throw: raise `jaxdeq.FixedPointError` when a solve fails.
+    unconverged: "keep" (default) returns the best iterate of a sample that
+      missed `tol`; "zero" returns zeros for it, so that it contributes no
+      gradient, as the tutorial's unrolled Newton layer does. Backprop through
+      a Newton trajectory that did not converge can be huge (near-singular
+      Jacobians) and derail training.
 
   Example:
     >>> import jax.numpy as jnp, jaxdeq
@@ -104,7 +109,7 @@ class DEQ(nnx.Module):
                solver: Optional[base.FixedPointSolver] = None,
                adjoint: Optional[adjoint_lib.AbstractAdjoint] = None,
                z_init: Union[str, Callable[[jax.Array], jax.Array]] = "zeros",
-               throw: bool = False):
+               throw: bool = False, unconverged: str = "keep"):
     solver = anderson.Anderson() if solver is None else solver
     adjoint = adjoint_lib.ImplicitAdjoint() if adjoint is None else adjoint
     if not isinstance(solver, base.FixedPointSolver):
@@ -118,8 +123,12 @@ class DEQ(nnx.Module):
     self.cell = cell
     self.solver = solver
     self.adjoint = adjoint
+    if unconverged not in ("keep", "zero"):
+      raise ValueError(f"DEQ: unconverged must be 'keep' or 'zero', got"
+                       f" {unconverged!r}")
     self.z_init = z_init
     self.throw = throw
+    self.unconverged = unconverged
     self.stats = SolverStatsVariable(DEQStats.empty(solver.max_steps))
     self.backward_probe = BackwardProbe(adjoint_lib.backward_probe())
 
@@ -158,4 +167,7 @@ class DEQ(nnx.Module):
         f, z0, (cell_state, x), solver=solver, adjoint=self.adjoint,
         throw=self.throw, backward_probe=self.backward_probe[...])
     self.stats.set_value(DEQStats.summarize(sol.stats))
+    if self.unconverged == "zero":
+      converged = sol.stats.converged.reshape((-1,) + (1,) * (x.ndim - 1))
+      sol = sol._replace(value=jnp.where(converged, sol.value, 0))
     return sol
