@@ -255,3 +255,16 @@ def test_grad_under_jit_and_vmap():
   chex.assert_shape(per_problem, (2,) + w.shape)
   chex.assert_trees_all_close(per_problem[1], grad(0.5 * w, x), rtol=1e-4,
                               atol=1e-6)
+
+
+def test_newton_dense_solve_gradient(x64):
+  from jaxdeq._src.solvers.newton import dense_solve
+  key_j, key_b = jax.random.split(jax.random.key(0))
+  jac = jax.random.normal(key_j, (3, 5, 5), jnp.float64) + 3 * jnp.eye(5)
+  rhs = jax.random.normal(key_b, (3, 5), jnp.float64)
+  check_grads(dense_solve, (jac, rhs), order=1, modes=["rev"])
+  stock = jax.grad(lambda j, b: jnp.sum(jnp.sin(
+      jnp.linalg.solve(j, b[..., None])[..., 0])), argnums=(0, 1))(jac, rhs)
+  ours = jax.grad(lambda j, b: jnp.sum(jnp.sin(dense_solve(j, b))),
+                  argnums=(0, 1))(jac, rhs)
+  chex.assert_trees_all_close(ours, stock, atol=1e-12)

@@ -16,6 +16,8 @@ SOLVERS = {
         tol, n, damping=0.7),
     "anderson": lambda tol, n: jaxdeq.Anderson(tol, n),
     "anderson_beta": lambda tol, n: jaxdeq.Anderson(tol, n, m=3, beta=0.8),
+    "anderson_relative": lambda tol, n: jaxdeq.Anderson(tol, n,
+                                                        lam_relative=True),
     "broyden": lambda tol, n: jaxdeq.Broyden(tol, n),
     "newton": lambda tol, n: jaxdeq.Newton(tol, n),
     "newton_gmres": lambda tol, n: jaxdeq.Newton(tol, n,
@@ -291,3 +293,20 @@ def test_bad_newton_jacobian_shape():
   solver = jaxdeq.Newton(jacobian=lambda z, a: jnp.ones((2, 3)))
   with pytest.raises(ValueError, match="jacobian"):
     jaxdeq.fixed_point(cos_map, jnp.zeros((2, 3)), solver=solver)
+
+
+def test_anderson_relative_lam_keeps_accelerating():
+  # With residuals far below sqrt(lam), the absolute lam turns Anderson into
+  # averaging; the relative one keeps it fast down to the tolerance.
+  key_w, key_x = jax.random.split(jax.random.key(0))
+  w = 0.9 * jax.random.normal(key_w, (100, 100)) / 10
+  x = 0.1 * jax.random.normal(key_x, (8, 100))
+  f = lambda z, a: jnp.tanh(z @ a[0] + a[1])
+  steps = {}
+  for relative in (False, True):
+    sol = jaxdeq.fixed_point(f, jnp.zeros_like(x), (w, x),
+                             solver=jaxdeq.Anderson(1e-5, 200,
+                                                    lam_relative=relative))
+    assert bool(sol.stats.converged.all())
+    steps[relative] = int(sol.stats.num_steps)
+  assert steps[True] < steps[False], steps

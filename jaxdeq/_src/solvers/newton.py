@@ -73,8 +73,7 @@ class Newton(base.FixedPointSolver):
     batch = z.shape[0]
     g = (z - fz).reshape(batch, -1)
     if self.linear_solver == "dense":
-      jac = self._jacobian(f, z, args)
-      delta = jnp.linalg.solve(jac, g[..., None])[..., 0]
+      delta = dense_solve(self._jacobian(f, z, args), g)
     else:
       delta = self._gmres(f, z, args, g)
     return (z.reshape(batch, -1) - delta).reshape(z.shape), state
@@ -125,3 +124,30 @@ class Newton(base.FixedPointSolver):
         self,
         jacobian=lambda u, bargs: jnp.swapaxes(jacobian(bargs[0], bargs[1]),
                                                1, 2))
+
+
+@jax.custom_vjp
+def dense_solve(jac: jax.Array, rhs: jax.Array) -> jax.Array:
+  """Batched J^{-1} rhs, (batch, d, d) x (batch, d) -> (batch, d).
+
+  Its VJP reuses the forward LU factors: one transposed solve and an outer
+  product per sample.
+  """
+  return jnp.linalg.solve(jac, rhs[..., None])[..., 0]
+
+
+def _dense_solve_fwd(jac, rhs):
+  factors = jax.scipy.linalg.lu_factor(jac)
+  delta = jax.scipy.linalg.lu_solve(factors, rhs[..., None])[..., 0]
+  return delta, (factors, delta)
+
+
+def _dense_solve_bwd(residuals, cotangent):
+  factors, delta = residuals
+  # d(J^{-1} b) = J^{-1} (db - dJ J^{-1} b): with u = J^{-T} ct,
+  # ct_b = u and ct_J = -u delta^T.
+  u = jax.scipy.linalg.lu_solve(factors, cotangent[..., None], trans=1)[..., 0]
+  return -u[:, :, None] * delta[:, None, :], u
+
+
+dense_solve.defvjp(_dense_solve_fwd, _dense_solve_bwd)
