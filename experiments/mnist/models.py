@@ -14,7 +14,7 @@ LAYERS = {
     "fixed_point": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.FixedPointIteration(tol=1e-4, max_steps=200), jaxdeq.UnrolledAdjoint()), 10),  # noqa: E501
     "newton": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.UnrolledAdjoint(), z_init=jnp.tanh, unconverged="zero"), 8),  # noqa: E501
     "newton_implicit": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.ImplicitAdjoint(), z_init=jnp.tanh), 10),  # noqa: E501
-    "deq": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Anderson(tol=1e-4, max_steps=50, m=5), jaxdeq.ImplicitAdjoint()), 10),  # noqa: E501
+    "deq": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Anderson(tol=1e-4, max_steps=50, m=5, lam_relative=True), jaxdeq.ImplicitAdjoint()), 10),  # noqa: E501
 }
 
 

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks; each script prints a table and appends to RESULTS.md."""

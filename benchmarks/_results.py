@@ -1,0 +1,57 @@
+"""Appends a dated, self-describing section to benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+from importlib import metadata
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def _version(name: str) -> str:
+  try:
+    return metadata.version(name)
+  except metadata.PackageNotFoundError:
+    return "-"
+
+
+def machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as handle:
+      for line in handle:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  import jax
+
+  devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+  packages = ", ".join(f"{n} {_version(n)}" for n in
+                       ("jax", "jaxlib", "flax", "optax", "torch", "torchdeq",
+                        "jaxopt", "optimistix"))
+  return (f"{cpu}; {os.cpu_count()} cores; JAX devices: {devices};"
+          f" Python {sys.version.split()[0]}; {packages}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def append(title: str, command: str, body: str) -> None:
+  """Prints `body` and appends it to RESULTS.md with machine and command."""
+  print(body)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
+      "%Y-%m-%d %H:%M UTC")
+  section = (f"\n## {title} ({stamp})\n\nMachine: {machine()}\n\n"
+             f"Command: `{command}`\n\n{body}\n")
+  with open(RESULTS, "a") as handle:
+    handle.write(section)
+  print(f"appended to {RESULTS}")

@@ -1,0 +1,206 @@
+"""jaxdeq vs torchdeq on the tutorial's ResNet DEQ cell and the tanh cell.
+
+python -m benchmarks.vs_torchdeq [--batches 1 10 100] [--repeats 3] [--tol 1e-2] [--max-steps 25]
+
+Needs `pip install torch==2.13.0 && pip install torchdeq==0.1.0 --no-deps`.
+Same weights (copied from the jaxdeq cell into an equivalent PyTorch module),
+same input, same solver settings: Anderson (m=5, lam=1e-4) forward and an
+implicit backward solved by Anderson, both to relative tolerance `--tol`
+within `--max-steps`. Times are medians after a warm-up (jaxdeq jitted);
+residuals are the worst per-sample relative residual of the returned z*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+from torch import nn
+
+import jaxdeq
+from benchmarks import _results
+from jaxdeq.nnx import DEQ, ResNetCell, TanhCell
+
+
+class TorchResNetCell(nn.Module):
+  """The tutorial's ResNetLayer (NCHW)."""
+
+  def __init__(self, channels, inner, num_groups=8):
+    super().__init__()
+    self.conv1 = nn.Conv2d(channels, inner, 3, padding=1, bias=False)
+    self.conv2 = nn.Conv2d(inner, channels, 3, padding=1, bias=False)
+    self.norm1 = nn.GroupNorm(num_groups, inner)
+    self.norm2 = nn.GroupNorm(num_groups, channels)
+    self.norm3 = nn.GroupNorm(num_groups, channels)
+
+  def forward(self, z, x):
+    y = self.norm1(nn.functional.relu(self.conv1(z)))
+    return self.norm3(nn.functional.relu(z + self.norm2(x + self.conv2(y))))
+
+  @classmethod
+  def from_jax(cls, cell: ResNetCell) -> "TorchResNetCell":
+    channels, inner = cell.conv1.shape[2], cell.conv1.shape[3]
+    out = cls(channels, inner)
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float32).copy())
+    with torch.no_grad():
+      out.conv1.weight.copy_(t(cell.conv1[...]).permute(3, 2, 0, 1))
+      out.conv2.weight.copy_(t(cell.conv2[...]).permute(3, 2, 0, 1))
+      for name in ("norm1", "norm2", "norm3"):
+        getattr(out, name).weight.copy_(t(getattr(cell, name).scale[...]))
+        getattr(out, name).bias.copy_(t(getattr(cell, name).bias[...]))
+    return out
+
+
+class TorchTanhCell(nn.Module):
+
+  def __init__(self, cell: TanhCell):
+    super().__init__()
+    self.kernel = nn.Parameter(torch.from_numpy(
+        np.asarray(cell.kernel[...], np.float32).copy()))
+
+  def forward(self, z, x):
+    return torch.tanh(z @ self.kernel + x)
+
+
+def median_seconds(fn, repeats):
+  fn()
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - started)
+  return statistics.median(times)
+
+
+def worst_residual(fz, z):
+  b = z.shape[0]
+  num = np.linalg.norm((fz - z).reshape(b, -1), axis=1)
+  return float(np.max(num / (np.linalg.norm(fz.reshape(b, -1), axis=1) + 1e-5)))
+
+
+def bench_jaxdeq(cell, x, tol, max_steps, repeats):
+  deq = DEQ(cell, jaxdeq.Anderson(tol=tol, max_steps=max_steps, m=5),
+            jaxdeq.ImplicitAdjoint())
+  graphdef, params, rest = nnx.split(deq, nnx.Param, ...)
+  cotangent = jax.random.normal(jax.random.key(1), x.shape)
+
+  @jax.jit
+  def forward(params, x):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    sol = model.solve(x)
+    return sol.value, sol.stats.num_steps
+
+  @jax.jit
+  def forward_backward(params, x):
+    def loss(params, x, probe):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      model.backward_probe.set_value(probe)
+      return jnp.vdot(model(x), cotangent)
+    return jax.grad(loss, argnums=(0, 1, 2))(params, x,
+                                             jaxdeq.backward_probe())
+
+  z, steps = forward(params, x)
+  grads = forward_backward(params, x)
+  fz = cell(z, x)
+  t_fwd = median_seconds(lambda: jax.block_until_ready(forward(params, x)),
+                         repeats)
+  t_both = median_seconds(
+      lambda: jax.block_until_ready(forward_backward(params, x)), repeats)
+  backward = jaxdeq.BackwardStats.from_probe_grad(grads[2])
+  return dict(fwd=t_fwd, both=t_both, steps=int(steps),
+              bsteps=int(backward.num_steps),
+              residual=worst_residual(np.asarray(fz), np.asarray(z)))
+
+
+def bench_torchdeq(cell, x, tol, max_steps, repeats, channels_last):
+  from torchdeq import get_deq
+
+  deq = get_deq(f_solver="anderson", f_max_iter=max_steps, f_tol=tol,
+                f_stop_mode="rel", b_solver="anderson", b_max_iter=max_steps,
+                b_tol=tol, b_stop_mode="rel", ift=True)
+  kwargs = {"solver_kwargs": {"m": 5, "lam": 1e-4}}
+  xt = torch.from_numpy(np.asarray(x, np.float32).copy())
+  if channels_last:
+    xt = xt.permute(0, 3, 1, 2).contiguous()
+  cotangent = torch.randn_like(xt)
+  func = lambda z: cell(z, xt)
+
+  def forward():
+    deq.eval()
+    with torch.no_grad():
+      z_out, info = deq(func, torch.zeros_like(xt), **kwargs)
+    return z_out[-1], info
+
+  def forward_backward():
+    deq.train()
+    cell.zero_grad()
+    z_out, info = deq(func, torch.zeros_like(xt), **kwargs)
+    (z_out[-1] * cotangent).sum().backward()
+    return info
+
+  z, info = forward()
+  with torch.no_grad():
+    fz = cell(z, xt)
+  t_fwd = median_seconds(forward, repeats)
+  t_both = median_seconds(forward_backward, repeats)
+  return dict(fwd=t_fwd, both=t_both, steps=int(info["nstep"].max()),
+              bsteps=-1,
+              residual=worst_residual(fz.numpy(), z.numpy()))
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--tol", type=float, default=1e-2)
+  parser.add_argument("--max-steps", type=int, default=25)
+  parser.add_argument("--cells", nargs="+", default=["resnet", "tanh"])
+  args = parser.parse_args(argv)
+  rows = []
+  for cell_name in args.cells:
+    for batch in args.batches:
+      key = jax.random.key(batch)
+      if cell_name == "resnet":
+        cell = ResNetCell(48, 64, rngs=nnx.Rngs(0))
+        x = jax.random.normal(key, (batch, 32, 32, 48))
+        torch_cell = TorchResNetCell.from_jax(cell)
+      else:
+        cell = TanhCell(100, rngs=nnx.Rngs(0))
+        x = jax.random.normal(key, (batch, 100))
+        torch_cell = TorchTanhCell(cell)
+      ours = bench_jaxdeq(cell, x, args.tol, args.max_steps, args.repeats)
+      theirs = bench_torchdeq(torch_cell, x, args.tol, args.max_steps,
+                              args.repeats, cell_name == "resnet")
+      label = ("ResNet 48/64 32x32" if cell_name == "resnet"
+               else "tanh d=100")
+      rows.append([
+          label, batch,
+          f"{theirs['fwd'] * 1e3:.1f}", f"{ours['fwd'] * 1e3:.1f}",
+          f"{theirs['fwd'] / ours['fwd']:.2f}x",
+          f"{theirs['both'] * 1e3:.1f}", f"{ours['both'] * 1e3:.1f}",
+          f"{theirs['both'] / ours['both']:.2f}x",
+          f"{theirs['steps']} / {ours['steps']} (+{ours['bsteps']} bwd)",
+          f"{theirs['residual']:.1e} / {ours['residual']:.1e}"])
+      print(rows[-1], flush=True)
+  body = _results.markdown_table(
+      ["cell", "batch", "torchdeq fwd ms", "jaxdeq fwd ms", "fwd speed-up",
+       "torchdeq fwd+bwd ms", "jaxdeq fwd+bwd ms", "fwd+bwd speed-up",
+       "fwd steps torchdeq / jaxdeq", "worst rel. residual torchdeq / jaxdeq"],
+      rows)
+  body += (f"\n\nAnderson m=5, lam=1e-4, tol {args.tol:g} (relative), max"
+           f" {args.max_steps} steps, implicit backward by Anderson; CPU, torch"
+           f" threads = {torch.get_num_threads()}.")
+  _results.append("vs torchdeq (ResNet and tanh cells)",
+                  "python -m benchmarks.vs_torchdeq " + " ".join(
+                      sys.argv[1:] if argv is None else argv), body)
+
+
+if __name__ == "__main__":
+  main()
