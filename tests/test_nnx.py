@@ -187,3 +187,19 @@ def test_unconverged_zero_gives_zero_value_and_gradient():
       lambda m: jnp.sum(jnp.where(converged, m(x), 0.0) ** 2))(keep)
   chex.assert_trees_all_close(grad_zero["cell"]["kernel"][...],
                               grad_masked["cell"]["kernel"][...])
+
+
+def test_resnet_cell_group_norm_matches_nnx_group_norm(x64):
+  from jaxdeq._src.nnx.cells import group_norm
+  norm = nnx.GroupNorm(16, num_groups=4, epsilon=1e-5, rngs=nnx.Rngs(0),
+                       param_dtype=jnp.float64)
+  norm.scale.set_value(jax.random.normal(jax.random.key(1), (16,),
+                                         jnp.float64))
+  norm.bias.set_value(jax.random.normal(jax.random.key(2), (16,),
+                                        jnp.float64))
+  x = 3 * jax.random.normal(jax.random.key(0), (2, 5, 4, 16), jnp.float64) + 1
+  chex.assert_trees_all_close(group_norm(x, norm), norm(x), atol=1e-10)
+  cotangent = jax.random.normal(jax.random.key(3), x.shape, jnp.float64)
+  chex.assert_trees_all_close(
+      jax.vjp(lambda x: group_norm(x, norm), x)[1](cotangent),
+      jax.vjp(norm, x)[1](cotangent), atol=1e-9)

@@ -109,5 +109,30 @@ class ResNetCell(nnx.Module):
   def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
     conv1 = self.conv1[...].astype(z.dtype)
     conv2 = self.conv2[...].astype(z.dtype)
-    y = self.norm1(jax.nn.relu(conv2d_same(z, conv1)))
-    return self.norm3(jax.nn.relu(z + self.norm2(x + conv2d_same(y, conv2))))
+    y = group_norm(jax.nn.relu(conv2d_same(z, conv1)), self.norm1)
+    return group_norm(
+        jax.nn.relu(z + group_norm(x + conv2d_same(y, conv2), self.norm2)),
+        self.norm3)
+
+
+def group_norm(x: jax.Array, norm: nnx.GroupNorm) -> jax.Array:
+  """`norm(x)` for NHWC `x`, with the statistics as per-channel sums.
+
+  Same result as `nnx.GroupNorm` (one-pass variance, as its default), ~5x
+  faster forward and ~2.5x faster VJP on XLA:CPU for a 10 x 32 x 32 x 64 map:
+  reducing over the spatial axes first leaves XLA a plain row reduction
+  instead of a grouped one.
+  """
+  batch, channels = x.shape[0], x.shape[-1]
+  groups = norm.num_groups
+  per_group = channels // groups
+  flat = x.reshape(batch, -1, channels)
+  count = flat.shape[1] * per_group
+  mean = jnp.sum(flat, axis=1).reshape(batch, groups, per_group).sum(-1) / count
+  mean_sq = jnp.sum(flat * flat, axis=1).reshape(batch, groups,
+                                                  per_group).sum(-1) / count
+  inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0) + norm.epsilon)
+  scale = jnp.repeat(inv, per_group, axis=1) * norm.scale[...].astype(x.dtype)
+  shift = (norm.bias[...].astype(x.dtype)
+           - jnp.repeat(mean, per_group, axis=1) * scale)
+  return x * scale[:, None, None, :] + shift[:, None, None, :]
