@@ -99,12 +99,31 @@ def make_model(layer: str, seed: int = 0) -> nn.Sequential:
                        LAYERS[layer](100), nn.Linear(100, 10))
 
 
-def run_epoch(images, labels, model, opt=None, batch_size=100, seed=0):
-  """The tutorial's epoch (with its NaN guard); returns err, loss, steps, s."""
+def load_jax_weights(model: nn.Sequential, weights: dict) -> None:
+  """Copies jaxdeq's MNIST model weights (x @ kernel convention) into `model`.
+
+  `weights` maps "linear_in", "cell", "linear_out" to {"kernel", ["bias"]}
+  numpy arrays; torch's nn.Linear computes x @ weight.T, hence the transposes.
+  """
+  with torch.no_grad():
+    for module, name in ((model[1], "linear_in"), (model[2].linear, "cell"),
+                         (model[3], "linear_out")):
+      module.weight.copy_(torch.from_numpy(np.asarray(
+          weights[name]["kernel"], np.float32).T.copy()))
+      if "bias" in weights[name]:
+        module.bias.copy_(torch.from_numpy(np.asarray(
+            weights[name]["bias"], np.float32)))
+
+
+def run_epoch(images, labels, model, opt=None, batch_size=100, order=None):
+  """The tutorial's epoch (with its NaN guard); returns err, loss, steps, s.
+
+  `order` is the training permutation (default: the given order).
+  """
   total_loss, total_err, total_steps = 0.0, 0, 0
   model.eval() if opt is None else model.train()
-  order = (torch.randperm(len(images), generator=torch.Generator().manual_seed(
-      seed)) if opt is not None else torch.arange(len(images)))
+  order = (torch.as_tensor(np.asarray(order), dtype=torch.int64)
+           if order is not None else torch.arange(len(images)))
   batches = 0
   started = time.perf_counter()
   with torch.set_grad_enabled(opt is not None):
@@ -127,8 +146,13 @@ def run_epoch(images, labels, model, opt=None, batch_size=100, seed=0):
   return total_err / n, total_loss / n, total_steps / batches, seconds
 
 
-def train(layer, dataset, epochs, threads=2):
-  """Trains like the tutorial; returns one dict per epoch."""
+def train(layer, dataset, epochs, threads=2, weights=None, orders=None):
+  """Trains like the tutorial; returns one dict per epoch.
+
+  `weights` (see `load_jax_weights`) and `orders` (one training permutation
+  per epoch) let a run start from jaxdeq's initial weights and see its
+  batches, so that the two test errors compare like for like.
+  """
   torch.set_num_threads(threads)
   to_x = lambda a: torch.from_numpy(
       a.reshape(len(a), -1).astype(np.float32) / 255.0)
@@ -137,13 +161,17 @@ def train(layer, dataset, epochs, threads=2):
   test_x, test_y = to_x(dataset.test_images), torch.from_numpy(
       dataset.test_labels.astype(np.int64))
   model = make_model(layer)
+  if weights is not None:
+    load_jax_weights(model, weights)
   opt = torch.optim.SGD(model.parameters(), lr=0.1)
   history = []
   for epoch in range(epochs):
     if epoch == 5:
       opt.param_groups[0]["lr"] = 0.01
     train_err, train_loss, train_steps, seconds = run_epoch(
-        train_x, train_y, model, opt, seed=epoch)
+        train_x, train_y, model, opt,
+        order=orders[epoch] if orders is not None else torch.randperm(
+            len(train_x), generator=torch.Generator().manual_seed(epoch)))
     test_err, test_loss, test_steps, _ = run_epoch(test_x, test_y, model)
     history.append(dict(epoch=epoch + 1, train_error=train_err,
                         train_loss=train_loss, forward_steps=train_steps,

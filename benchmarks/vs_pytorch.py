@@ -1,12 +1,17 @@
 """jaxdeq vs the tutorial's PyTorch on the MNIST layers, same data and machine.
 
-python -m benchmarks.vs_pytorch [--epochs 2] [--layers fixed_point newton newton_implicit]
-    [--data-dir DIR] [--limit-train N]
+python -m benchmarks.vs_pytorch [--epochs 2] [--layers fixed_point newton
+    newton_implicit newton_gmres newton_implicit_gmres] [--data-dir DIR]
+    [--limit-train N] [--seed S]
 
 Needs `pip install torch==2.13.0` next to jaxdeq (benchmark-only). For each
 layer, the PyTorch reference and jaxdeq train the same model from the same
-settings on Fashion-MNIST, one after the other (the order alternates between
+initial weights on the same batches (jaxdeq's init and shuffle copied into
+torch) on Fashion-MNIST, one after the other (the order alternates between
 layers); the table reports the last epoch (after warm-up and compilation).
+The `*_gmres` layers are jaxdeq's Newton layers with a matrix-free GMRES inner
+solve; their PyTorch column is the tutorial's (dense) layer of the same name
+without the suffix.
 """
 
 from __future__ import annotations
@@ -17,10 +22,36 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from benchmarks import _results, torch_reference
 from experiments.common import data, training
+from experiments.mnist import models as mnist_models
 from experiments.mnist import train as mnist_train
+
+
+def jaxdeq_start(layer: str, seed: int, n_train: int, epochs: int):
+  """jaxdeq's initial weights and per-epoch training orders for `seed`.
+
+  Mirrors `training.train_and_evaluate` (model from `nnx.Rngs(seed)`, epoch e
+  shuffled by `fold_in(key(seed), e)`), so that the PyTorch run starts from
+  the same weights and sees the same batches.
+  """
+  model = mnist_models.make_model(layer, nnx.Rngs(seed))
+  as_numpy = lambda v: np.asarray(v[...])
+  weights = {
+      "linear_in": {"kernel": as_numpy(model.layers[0].kernel),
+                    "bias": as_numpy(model.layers[0].bias)},
+      "cell": {"kernel": as_numpy(model.layers[1].cell.kernel)},
+      "linear_out": {"kernel": as_numpy(model.layers[2].kernel),
+                     "bias": as_numpy(model.layers[2].bias)},
+  }
+  base_key = jax.random.key(seed)
+  orders = [np.asarray(jax.random.permutation(jax.random.fold_in(base_key, e),
+                                              n_train))
+            for e in range(1, epochs + 1)]
+  return weights, orders
 
 
 def peak_matmul_gflops(size: int = 2000, repeats: int = 10) -> float:
@@ -49,13 +80,33 @@ def fixed_point_gflop(row: dict, n_train: int, batch: int = 100) -> float:
   return batches * (solver + linear) / 1e9
 
 
+def dense_newton_gflop(layer: str, row: dict, n_train: int,
+                       batch: int = 100, width: int = 100) -> float:
+  """Lower bound on the FLOPs of a dense Newton epoch: its LU factorisations.
+
+  Each Newton step factors `batch` Jacobians of width x width (2/3 width^3
+  FLOPs each). `newton` (unrolled) factors once in the forward and once in
+  the backward's replay (whose stored residuals the reverse sweep reuses);
+  `newton_implicit` once per forward step and once per backward Newton step.
+  Everything else (Jacobian build, triangular solves, matmuls) is ignored.
+  """
+  lu = batch * 2 * width**3 / 3
+  if layer == "newton":
+    factorisations = 2 * row["forward_steps"]
+  else:
+    factorisations = row["forward_steps"] + row["backward_steps"]
+  return n_train // batch * factorisations * lu / 1e9
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=2)
   parser.add_argument("--layers", nargs="+",
-                      default=["fixed_point", "newton", "newton_implicit"])
+                      default=["fixed_point", "newton", "newton_implicit",
+                               "newton_gmres", "newton_implicit_gmres"])
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--limit-train", type=int, default=None)
+  parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   dataset = data.load("fashion_mnist", args.data_dir).limit(
       args.limit_train, None)
@@ -63,14 +114,19 @@ def main(argv=None) -> None:
   rows = []
   for i, layer in enumerate(args.layers):
     runs = {}
+    weights, orders = jaxdeq_start(layer, args.seed,
+                                   len(dataset.train_images), args.epochs)
     order = ("torch", "jaxdeq") if i % 2 == 0 else ("jaxdeq", "torch")
     for who in order:
       if who == "torch":
-        runs[who] = torch_reference.train(layer, dataset, args.epochs)[-1]
+        runs[who] = torch_reference.train(layer.removesuffix("_gmres"),
+                                          dataset, args.epochs,
+                                          weights=weights, orders=orders)[-1]
       else:
         config = training.Config(dataset="fashion_mnist",
                                  data_dir=args.data_dir, epochs=args.epochs,
-                                 limit_train=args.limit_train, progress=False)
+                                 limit_train=args.limit_train, seed=args.seed,
+                                 progress=False)
         runs[who] = mnist_train.train_and_evaluate(
             config, layer)[-1]
       print(layer, who, runs[who], flush=True)
@@ -79,6 +135,9 @@ def main(argv=None) -> None:
     if layer == "fixed_point":
       gflop = fixed_point_gflop(j, len(dataset.train_images))
       gflops = f"{gflop / j['train_seconds']:.1f} / {peak:.0f}"
+    elif layer in ("newton", "newton_implicit"):
+      gflop = dense_newton_gflop(layer, j, len(dataset.train_images))
+      gflops = f">= {gflop / j['train_seconds']:.1f} / {peak:.0f} (LU only)"
     rows.append([
         layer, f"{t['train_seconds']:.2f}", f"{j['train_seconds']:.2f}",
         f"{t['train_seconds'] / j['train_seconds']:.2f}x",
@@ -92,7 +151,12 @@ def main(argv=None) -> None:
   body += ("\n\nSteps: PyTorch stops on the batch's absolute residual norm"
            " (the tutorial's rule), jaxdeq on every sample's relative residual"
            " (tol 1e-4 both). GFLOP/s counts only the matmuls of the steps"
-           " taken; peak = jitted 2000x2000 f32 matmul on this machine.")
+           " taken (fixed_point) or only the LU factorisations (dense Newton;"
+           " the GMRES layers' inner iterations are not counted, so no"
+           " figure); peak = jitted 2000x2000 f32 matmul on this machine."
+           " Both sides start from the same weights and see the same"
+           " batches; the `_gmres` rows' PyTorch column is the dense layer"
+           " of the same name, run again.")
   _results.append("vs the tutorial's PyTorch (MNIST layers)",
                   "python -m benchmarks.vs_pytorch " + " ".join(
                       sys.argv[1:] if argv is None else argv), body)

@@ -44,6 +44,8 @@ SOLVERS = {
     "broyden": jaxdeq.Broyden(1e-10, 200),
     "newton": jaxdeq.Newton(1e-10, 50),
     "newton_closed_form": jaxdeq.Newton(1e-10, 50, jacobian=tanh_jacobian),
+    "newton_gmres": jaxdeq.Newton(1e-10, 50, linear_solver="gmres",
+                                  gmres_tol=1e-12),
 }
 
 

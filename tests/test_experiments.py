@@ -38,7 +38,8 @@ def read_metrics(path):
 
 
 @pytest.mark.parametrize("layer", ["fixed_point", "newton",
-                                   "newton_implicit", "deq"])
+                                   "newton_implicit", "newton_implicit_gmres",
+                                   "deq"])
 def test_mnist_layer_trains(layer, mnist_dir, tmp_path):
   config = mnist_config(mnist_dir, tmp_path)
   history = mnist_train.train_and_evaluate(config, layer)
@@ -49,7 +50,7 @@ def test_mnist_layer_trains(layer, mnist_dir, tmp_path):
     assert 0 <= row["test_error"] <= 1 and row["skipped_steps"] == 0
     assert row["forward_steps"] >= 1
   assert rows[1]["train_loss"] < rows[0]["train_loss"]
-  if layer in ("newton_implicit", "deq"):
+  if layer in ("newton_implicit", "newton_implicit_gmres", "deq"):
     assert rows[0]["backward_steps"] >= 1
   else:
     assert rows[0]["backward_steps"] == 0

@@ -1,4 +1,4 @@
-"""python -m experiments.mnist --layer {fixed_point,newton,newton_implicit,deq}"""
+"""python -m experiments.mnist --layer {fixed_point,newton,newton_implicit,newton_gmres,newton_implicit_gmres,deq}"""
 
 from __future__ import annotations
 

@@ -14,6 +14,9 @@ LAYERS = {
     "fixed_point": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.FixedPointIteration(tol=1e-4, max_steps=200), jaxdeq.UnrolledAdjoint()), 10),  # noqa: E501
     "newton": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.UnrolledAdjoint(), z_init=jnp.tanh, unconverged="zero"), 8),  # noqa: E501
     "newton_implicit": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.ImplicitAdjoint(), z_init=jnp.tanh), 10),  # noqa: E501
+    # The same two layers with a matrix-free GMRES inner solve instead of LU.
+    "newton_gmres": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40, linear_solver="gmres"), jaxdeq.UnrolledAdjoint(), z_init=jnp.tanh, unconverged="zero"), 8),  # noqa: E501
+    "newton_implicit_gmres": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40, linear_solver="gmres"), jaxdeq.ImplicitAdjoint(), z_init=jnp.tanh), 10),  # noqa: E501
     "deq": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Anderson(tol=1e-4, max_steps=50, m=5, lam_relative=True), jaxdeq.ImplicitAdjoint()), 10),  # noqa: E501
 }
 

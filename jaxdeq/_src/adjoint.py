@@ -215,25 +215,32 @@ def _unrolled_bwd(f, solver, residuals, cotangent):
         it_treedef, [d if m else n for d, n, m in zip(diff, nondiff,
                                                       diff_mask)])
 
-  def step_vjp(it, step_index, cot_diff, cot_args):
+  def traced_step(it, step_index):
+    """The step's output and its pullback (a pytree: its leaves are the
+    residuals, so a loop can store them and a later loop apply them)."""
     diff, nondiff = split(it)
 
     def one_step(diff, a):
       new = loop.advance(f, solver, rebuild(a), merge(diff, nondiff),
                          step_index)
-      return split(new)[0]
+      return split(new)
 
-    _, vjp = jax.vjp(one_step, diff, diff_args)
-    cot_diff, cot_step_args = vjp(cot_diff)
-    return cot_diff, jax.tree.map(jnp.add, cot_args, cot_step_args)
+    new_diff, pullback, new_nondiff = jax.vjp(one_step, diff, diff_args,
+                                              has_aux=True)
+    return merge(new_diff, new_nondiff), pullback
+
+  residual_shapes = jax.eval_shape(
+      lambda: jax.tree.leaves(traced_step(template, jnp.zeros((), jnp.int32)
+                                          )[1]))
+  residual_buffer = [jnp.zeros((every,) + r.shape, r.dtype)
+                     for r in residual_shapes]
+  pullback_treedef = []
 
   # Only `best_z` is an output of the solve; every other field starts at zero.
   cot_it = jax.tree.map(jnp.zeros_like, template)._replace(
       best_z=cotangent.value)
   cot_diff = split(cot_it)[0]
   cot_args = jax.tree.map(jnp.zeros_like, diff_args)
-  segment_buffer = jax.tree.map(
-      lambda x: jnp.zeros((every,) + x.shape, x.dtype), template)
 
   def segment(carry):
     seg, cot_diff, cot_args = carry
@@ -241,22 +248,28 @@ def _unrolled_bwd(f, solver, residuals, cotangent):
     length = jnp.minimum(every, num_steps - start)
     first = jax.tree.map(lambda c: c[seg], checkpoints)
 
+    # Replays the segment's steps, keeping each step's VJP residuals so that
+    # the reverse sweep does not evaluate the map again.
     def replay(j, state):
       buffer, it = state
-      buffer = _store_slice(buffer, it, j)
-      return buffer, loop.advance(f, solver, rebuild(diff_args), it,
-                                  start + j)
+      it, pullback = traced_step(it, start + j)
+      residuals, treedef = jax.tree.flatten(pullback)
+      if not pullback_treedef:
+        pullback_treedef.append(treedef)
+      buffer = [jax.lax.dynamic_update_index_in_dim(b, r, j, 0)
+                for b, r in zip(buffer, residuals)]
+      return buffer, it
 
-    # Iterates entering steps start .. start+length-1; the last step's output
-    # is not needed, so the final `advance` is skipped.
-    buffer, last = jax.lax.fori_loop(
-        0, length - 1, replay, (segment_buffer, first))
-    buffer = _store_slice(buffer, last, length - 1)
+    buffer, _ = jax.lax.fori_loop(0, length, replay, (residual_buffer, first))
 
     def reverse(i, state):
       cot_diff, cot_args = state
       j = length - 1 - i
-      return step_vjp(_take_slice(buffer, j), start + j, cot_diff, cot_args)
+      pullback = jax.tree.unflatten(pullback_treedef[0], [
+          jax.lax.dynamic_index_in_dim(b, j, 0, keepdims=False)
+          for b in buffer])
+      cot_diff, cot_step_args = pullback(cot_diff)
+      return cot_diff, jax.tree.map(jnp.add, cot_args, cot_step_args)
 
     cot_diff, cot_args = jax.lax.fori_loop(0, length, reverse,
                                            (cot_diff, cot_args))

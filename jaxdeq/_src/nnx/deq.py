@@ -78,8 +78,9 @@ class DEQ(nnx.Module):
   chosen adjoint differentiates them and `x`. Solver statistics of the last
   call are kept as values in `deq.stats` (a `SolverStatsVariable` holding
   `DEQStats`); `deq.solve(x)` returns the full per-sample `Solution`. With
-  `Newton()` and a cell that has a `jacobian(z, x)` method (`TanhCell`), the
-  closed form is used unless the solver brings its own.
+  `Newton()` (dense linear solver) and a cell that has a `jacobian(z, x)`
+  method (`TanhCell`), the closed form is used unless the solver brings its
+  own; `Newton(linear_solver="gmres")` needs no Jacobian.
 
   Args:
     cell: an NNX module called as `cell(z, x)`; it must not update its own
@@ -155,6 +156,7 @@ class DEQ(nnx.Module):
 
     solver = self.solver
     if (isinstance(solver, newton.Newton) and solver.jacobian is None
+        and solver.linear_solver == "dense"
         and hasattr(self.cell, "jacobian")):
 
       def jacobian(z, args):
