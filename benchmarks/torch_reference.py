@@ -116,11 +116,13 @@ def load_jax_weights(model: nn.Sequential, weights: dict) -> None:
 
 
 def run_epoch(images, labels, model, opt=None, batch_size=100, order=None):
-  """The tutorial's epoch (with its NaN guard); returns err, loss, steps, s.
+  """The tutorial's epoch (with its NaN guard).
+
+  Returns error, loss, solver steps per batch, seconds and skipped updates.
 
   `order` is the training permutation (default: the given order).
   """
-  total_loss, total_err, total_steps = 0.0, 0, 0
+  total_loss, total_err, total_steps, skipped = 0.0, 0, 0, 0
   model.eval() if opt is None else model.train()
   order = (torch.as_tensor(np.asarray(order), dtype=torch.int64)
            if order is not None else torch.arange(len(images)))
@@ -137,13 +139,15 @@ def run_epoch(images, labels, model, opt=None, batch_size=100, order=None):
         loss.backward()
         if sum(torch.sum(torch.isnan(p.grad)) for p in model.parameters()) == 0:
           opt.step()
+        else:
+          skipped += 1
       total_err += (yp.argmax(1) != y).sum().item()
       total_loss += loss.item() * len(x)
       total_steps += model[2].iterations
       batches += 1
   seconds = time.perf_counter() - started
   n = batches * batch_size
-  return total_err / n, total_loss / n, total_steps / batches, seconds
+  return total_err / n, total_loss / n, total_steps / batches, seconds, skipped
 
 
 def train(layer, dataset, epochs, threads=2, weights=None, orders=None):
@@ -168,13 +172,14 @@ def train(layer, dataset, epochs, threads=2, weights=None, orders=None):
   for epoch in range(epochs):
     if epoch == 5:
       opt.param_groups[0]["lr"] = 0.01
-    train_err, train_loss, train_steps, seconds = run_epoch(
+    train_err, train_loss, train_steps, seconds, skipped = run_epoch(
         train_x, train_y, model, opt,
         order=orders[epoch] if orders is not None else torch.randperm(
             len(train_x), generator=torch.Generator().manual_seed(epoch)))
-    test_err, test_loss, test_steps, _ = run_epoch(test_x, test_y, model)
+    test_err, test_loss, test_steps, _, _ = run_epoch(test_x, test_y, model)
     history.append(dict(epoch=epoch + 1, train_error=train_err,
                         train_loss=train_loss, forward_steps=train_steps,
                         test_error=test_err, test_loss=test_loss,
-                        test_forward_steps=test_steps, train_seconds=seconds))
+                        test_forward_steps=test_steps, train_seconds=seconds,
+                        skipped_steps=skipped))
   return history

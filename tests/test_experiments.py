@@ -108,6 +108,26 @@ def test_nan_guard_skips_steps(mnist_dir, tmp_path, monkeypatch):
   assert history[1]["train_error"] < 0.9
 
 
+def test_skip_grad_norm_undoes_large_updates(mnist_dir, tmp_path):
+  # Every gradient norm exceeds 1e-9: no update lands, so the two epochs see
+  # the same (initial) model and every step is counted as skipped.
+  history = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path, skip_grad_norm=1e-9), "fixed_point")
+  assert [row["skipped_steps"] for row in history] == [400 // 50] * 2
+  assert history[0]["test_loss"] == history[1]["test_loss"]
+  # A generous threshold lets every step through.
+  history = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path, epochs=1, skip_grad_norm=1e6),
+      "fixed_point")
+  assert history[0]["skipped_steps"] == 0
+
+
+def test_skip_grad_norm_must_be_positive(mnist_dir, tmp_path):
+  with pytest.raises(ValueError, match="skip-grad-norm"):
+    mnist_train.train_and_evaluate(
+        mnist_config(mnist_dir, tmp_path, skip_grad_norm=0.0), "fixed_point")
+
+
 def run_cli(args, env=None, **kwargs):
   return subprocess.run([sys.executable, "-m", "experiments.mnist", *args],
                         cwd=REPO, capture_output=True, text=True,

@@ -17,6 +17,18 @@ def positive_int(text: str) -> int:
   return value
 
 
+def positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive number, got"
+                                     f" {text!r}") from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"expected a positive number, got"
+                                     f" {value}")
+  return value
+
+
 def add_common_flags(parser: argparse.ArgumentParser, epochs_help: str,
                      ) -> None:
   parser.add_argument("--data-dir", default=None,
@@ -38,5 +50,9 @@ def add_common_flags(parser: argparse.ArgumentParser, epochs_help: str,
                       help="use only the first N test examples")
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() (multi-host)")
+  parser.add_argument("--skip-grad-norm", type=positive_float, default=None,
+                      help="also undo updates whose gradient norm exceeds"
+                      " this (default: only non-finite ones, the tutorial's"
+                      " NaN guard)")
   parser.add_argument("--no-progress", action="store_true",
                       help="no tqdm progress bar")

@@ -49,8 +49,12 @@ class Config:
   limit_test: Optional[int] = None
   distributed: bool = False
   progress: bool = True
+  skip_grad_norm: Optional[float] = None
 
   def validate(self) -> None:
+    if self.skip_grad_norm is not None and not self.skip_grad_norm > 0:
+      raise ValueError(f"--skip-grad-norm must be > 0, got"
+                       f" {self.skip_grad_norm}")
     if self.epochs < 1:
       raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
     if self.batch_size < 1:
@@ -84,8 +88,14 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
-def make_steps(experiment: Experiment):
-  """The jitted train and eval steps of an experiment."""
+def make_steps(experiment: Experiment,
+               skip_grad_norm: Optional[float] = None):
+  """The jitted train and eval steps of an experiment.
+
+  A train step whose parameter gradients are non-finite (the tutorial's NaN
+  guard) or, with `skip_grad_norm`, whose global gradient norm exceeds it, is
+  undone and counted in "skipped".
+  """
 
   def loss_and_metrics(model, images, labels, mask=None):
     logits = model(experiment.preprocess(images))
@@ -109,17 +119,19 @@ def make_steps(experiment: Experiment):
     param_grads, probe_grads = nnx.split_state(grads, nnx.Param, BackwardProbe)
     backward = jaxdeq.BackwardStats.from_probe_grad(
         jax.tree.leaves(probe_grads)[0])
-    finite = _tree_all_finite(param_grads)
+    keep = _tree_all_finite(param_grads)
+    if skip_grad_norm is not None:
+      keep &= optax.global_norm(param_grads) <= skip_grad_norm
     optimizer.update(model, param_grads)
     # The tutorial's NaN guard: a step with non-finite gradients is undone.
     after = nnx.state((model, optimizer))
     nnx.update((model, optimizer), jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), after, before))
+        lambda new, old: jnp.where(keep, new, old), after, before))
     return {
         "loss_sum": loss_sum, "errors": errors,
         "forward_steps": forward_steps.astype(jnp.float32),
         "backward_steps": backward.num_steps.astype(jnp.float32),
-        "skipped": (~finite).astype(jnp.int32),
+        "skipped": (~keep).astype(jnp.int32),
     }
 
   @nnx.jit
@@ -224,7 +236,7 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
       wrt=nnx.Param)
   state = nnx.state((model, optimizer))
   nnx.update((model, optimizer), jax.device_put(state, replicated))
-  train_step, eval_step = make_steps(experiment)
+  train_step, eval_step = make_steps(experiment, config.skip_grad_norm)
 
   checkpoints = _Checkpoints(config.workdir)
   start_epoch, history = checkpoints.restore(model, optimizer)

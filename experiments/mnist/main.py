@@ -25,7 +25,8 @@ def main(argv=None) -> None:
       batch_size=args.batch_size, seed=args.seed,
       metrics_out=args.metrics_out, workdir=args.workdir, plots=args.plots,
       limit_train=args.limit_train, limit_test=args.limit_test,
-      distributed=args.distributed, progress=not args.no_progress)
+      distributed=args.distributed, progress=not args.no_progress,
+      skip_grad_norm=args.skip_grad_norm)
   try:
     train.train_and_evaluate(config, args.layer)
   except (data.DataError, ValueError) as error:
