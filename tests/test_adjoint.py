@@ -139,6 +139,76 @@ def test_unrolled_checkpoint_segments(max_steps, x64):
   chex.assert_trees_all_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("solver", [
+    jaxdeq.FixedPointIteration(1e-6, 300),
+    jaxdeq.Anderson(1e-6, 300, m=3),
+    jaxdeq.Broyden(1e-6, 300),
+], ids=["iteration", "anderson", "broyden"])
+def test_unrolled_batch_equals_sum_of_samples_alone(solver, x64):
+  # Samples converge after different numbers of steps and are frozen while
+  # the others go on; each must get exactly the gradient of its own
+  # trajectory, as if solved alone.
+  w, x = tanh_problem(dim=4, batch=3, seed=3)
+  x = x * jnp.array([[0.1], [1.0], [3.0]])
+
+  def loss(w, x):
+    sol = jaxdeq.fixed_point(tanh_map, jnp.zeros_like(x), (w, x),
+                             solver=solver, adjoint=jaxdeq.UnrolledAdjoint())
+    return jnp.sum(jnp.sin(3 * sol.value)), sol.stats.sample_steps
+
+  (grad_w, grad_x), steps = jax.grad(loss, argnums=(0, 1), has_aux=True)(w, x)
+  assert len(set(steps.tolist())) > 1, steps  # really different lengths
+  alone = [jax.grad(loss, argnums=(0, 1), has_aux=True)(w, x[i:i + 1])[0]
+           for i in range(3)]
+  chex.assert_trees_all_close(grad_w, sum(g[0] for g in alone),
+                              rtol=1e-9, atol=1e-12)
+  chex.assert_trees_all_close(grad_x, jnp.concatenate([g[1] for g in alone]),
+                              rtol=1e-9, atol=1e-12)
+
+
+def test_unrolled_gradient_skips_a_diverging_sample(x64):
+  # z <- c z^2 + x: sample 0 converges; sample 1 overflows to inf and is
+  # flagged. Its best iterate is z0 (its residual only grew), so it adds
+  # nothing to dL/dc, and its inf/NaN steps must not poison the shared
+  # gradient.
+  f = lambda z, a: a[0] * z * z + a[1]
+  solver = jaxdeq.FixedPointIteration(1e-10, 50, relative=False)
+
+  def loss(c, x):
+    sol = jaxdeq.fixed_point(f, jnp.zeros_like(x), (c, x), solver=solver,
+                             adjoint=jaxdeq.UnrolledAdjoint())
+    return jnp.sum(sol.value), sol.stats
+
+  c = jnp.array(0.1)
+  (grad_c, grad_x), stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+      c, jnp.array([[0.1], [10.0]]))
+  assert stats.converged.tolist() == [True, False]
+  assert int(stats.best_step[1]) == 0
+  (alone_c, alone_x), _ = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+      c, jnp.array([[0.1]]))
+  chex.assert_tree_all_finite((grad_c, grad_x))
+  chex.assert_trees_all_close(grad_c, alone_c, rtol=1e-12)
+  chex.assert_trees_all_close(grad_x, jnp.array([[alone_x[0, 0]], [0.0]]),
+                              rtol=1e-12)
+
+
+def test_unrolled_gradient_flows_to_z0_when_z0_is_best(x64):
+  # An expanding map: every step raises the residual, so the value is z0 and
+  # d value / d z0 is the identity while d value / d x is zero.
+  f = lambda z, x: -1.5 * z + x
+  solver = jaxdeq.FixedPointIteration(1e-10, 8, relative=False)
+
+  def value(z0, x):
+    return jaxdeq.fixed_point(f, z0, x, solver=solver,
+                              adjoint=jaxdeq.UnrolledAdjoint()).value
+
+  z0, x = jnp.array([[1.0, -2.0]]), jnp.array([[0.5, 0.25]])
+  chex.assert_trees_all_close(value(z0, x), z0)
+  jac_z0, jac_x = jax.jacobian(value, argnums=(0, 1))(z0, x)
+  chex.assert_trees_all_close(jac_z0.reshape(2, 2), jnp.eye(2))
+  chex.assert_trees_all_close(jac_x, jnp.zeros_like(jac_x))
+
+
 def test_unrolled_cost_follows_steps_taken_not_max_steps():
   calls = []
 

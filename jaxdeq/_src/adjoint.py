@@ -164,10 +164,14 @@ class UnrolledAdjoint(AbstractAdjoint):
   """Exact backpropagation through the steps the solver actually took.
 
   The forward loop stores the iterate every ~sqrt(max_steps) steps; the
-  backward replays each segment from its checkpoint and backpropagates through
-  it in reverse. Compute grows with the steps taken (each step is run twice
-  and differentiated once), memory with sqrt(max_steps), never with
-  max_steps. Gradients flow to `args` and to `z0`.
+  backward replays each segment from its checkpoint, keeping each step's VJP
+  residuals, and backpropagates through it in reverse. Compute grows with the
+  steps taken (each step is run twice and differentiated once), memory with
+  sqrt(max_steps), never with max_steps. Only the iterate's update is
+  differentiated (not the driver's residuals or best-iterate bookkeeping):
+  each sample gets the exact gradient of its own trajectory up to the iterate
+  returned for it, and a sample that went non-finite adds nothing (no NaN in
+  shared parameter gradients). Gradients flow to `args` and to `z0`.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxdeq
@@ -194,114 +198,140 @@ def _unrolled_fwd(f, solver, z0, args, probe):
   every = loop.checkpoint_interval(solver.max_steps)
   sol, checkpoints = loop.solve(f, z0, args, solver, checkpoint_every=every)
   zeros_probe = None if probe is None else jnp.zeros_like(probe)
-  return sol, (checkpoints, sol.stats.num_steps, z0, args, zeros_probe)
+  stats = sol.stats
+  return sol, (checkpoints, stats.num_steps, stats.sample_steps,
+               stats.best_step, z0, args, zeros_probe)
+
+
+def _finite(tree):
+  """Non-finite floats set to zero (identity on a finite trajectory)."""
+  return jax.tree.map(
+      lambda x: jnp.where(jnp.isfinite(x), x, 0) if _is_differentiable(x)
+      else x, tree)
 
 
 def _unrolled_bwd(f, solver, residuals, cotangent):
-  checkpoints, num_steps, z0, args, zeros_probe = residuals
+  """Reverse sweep through the solver's steps, segment by segment.
+
+  Only the iterate's own update is differentiated: z <- step(z, f(z)) with
+  the driver's freezing, but not its residuals, best-iterate selection or
+  stopping. That is exact: the returned value of sample b is its iterate
+  after step best_step[b], and sample b moved only during its first
+  sample_steps[b] steps, so its cotangent enters after step best_step[b] and
+  flows back through the steps before it.
+  """
+  (checkpoints, num_steps, sample_steps, best_step, z0, args,
+   zeros_probe) = residuals
   every = loop.checkpoint_interval(solver.max_steps)
   diff_args, rebuild = _split_differentiable(args)
-  template = jax.tree.map(lambda c: c[0], checkpoints)
-  _, it_treedef = jax.tree.flatten(template)
-  diff_mask = [_is_differentiable(x) for x in jax.tree.leaves(template)]
+  state_template = jax.tree.map(lambda c: c[0], checkpoints.solver_state)
+  state_leaves, state_treedef = jax.tree.flatten(state_template)
+  state_mask = [_is_differentiable(x) for x in state_leaves]
 
-  def split(it):
-    leaves = jax.tree.leaves(it)
-    return ([x if d else None for x, d in zip(leaves, diff_mask)],
-            [None if d else x for x, d in zip(leaves, diff_mask)])
+  def split_state(state):
+    leaves = jax.tree.leaves(state)
+    return ([x for x, m in zip(leaves, state_mask) if m],
+            [x for x, m in zip(leaves, state_mask) if not m])
 
-  def merge(diff, nondiff):
-    return jax.tree.unflatten(
-        it_treedef, [d if m else n for d, n, m in zip(diff, nondiff,
-                                                      diff_mask)])
+  def merge_state(diff, nondiff):
+    diff, nondiff = iter(diff), iter(nondiff)
+    return jax.tree.unflatten(state_treedef, [
+        next(diff) if m else next(nondiff) for m in state_mask])
 
-  def traced_step(it, step_index):
-    """The step's output and its pullback (a pytree: its leaves are the
-    residuals, so a loop can store them and a later loop apply them)."""
-    diff, nondiff = split(it)
+  def traced_step(carry, step_index):
+    """One replayed step and its pullback (a pytree whose leaves are the
+    residuals, so one loop can store them and a later one apply them)."""
+    z, fz, state_diff, state_nondiff = carry
+    active = step_index < sample_steps
 
-    def one_step(diff, a):
-      new = loop.advance(f, solver, rebuild(a), merge(diff, nondiff),
-                         step_index)
-      return split(new)
+    def step(z, fz, state_diff, a):
+      # A sample that went non-finite gets zero cotangent; zeroing its
+      # values keeps 0 * inf out of the shared parameter gradients.
+      z, fz, state_diff = _finite((z, fz, state_diff))
+      a = rebuild(a)
+      z_next, state = solver.step(f, z, fz, a,
+                                  merge_state(state_diff, state_nondiff),
+                                  step_index)
+      fz_next = f(z_next, a)
+      frozen = base.per_sample(active, z)
+      new_diff, new_nondiff = split_state(state)
+      return ((jnp.where(frozen, z_next, z), jnp.where(frozen, fz_next, fz),
+               new_diff), new_nondiff)
 
-    new_diff, pullback, new_nondiff = jax.vjp(one_step, diff, diff_args,
-                                              has_aux=True)
-    return merge(new_diff, new_nondiff), pullback
+    (z, fz, state_diff), pullback, state_nondiff = jax.vjp(
+        step, z, fz, state_diff, diff_args, has_aux=True)
+    return (z, fz, state_diff, state_nondiff), pullback
+
+  def checkpoint(seg):
+    it = jax.tree.map(lambda c: c[seg], checkpoints)
+    return (it.z, it.fz) + tuple(split_state(it.solver_state))
 
   residual_shapes = jax.eval_shape(
-      lambda: jax.tree.leaves(traced_step(template, jnp.zeros((), jnp.int32)
-                                          )[1]))
+      lambda: jax.tree.leaves(traced_step(checkpoint(0),
+                                          jnp.zeros((), jnp.int32))[1]))
   residual_buffer = [jnp.zeros((every,) + r.shape, r.dtype)
                      for r in residual_shapes]
   pullback_treedef = []
+  cot_best = cotangent.value
 
-  # Only `best_z` is an output of the solve; every other field starts at zero.
-  cot_it = jax.tree.map(jnp.zeros_like, template)._replace(
-      best_z=cotangent.value)
-  cot_diff = split(cot_it)[0]
-  cot_args = jax.tree.map(jnp.zeros_like, diff_args)
+  def inject(cot_z, after_step):
+    hit = base.per_sample(best_step == after_step, cot_z)
+    return cot_z + jnp.where(hit, cot_best, 0)
 
   def segment(carry):
-    seg, cot_diff, cot_args = carry
+    seg, cot, cot_args = carry
     start = seg * every
     length = jnp.minimum(every, num_steps - start)
-    first = jax.tree.map(lambda c: c[seg], checkpoints)
 
-    # Replays the segment's steps, keeping each step's VJP residuals so that
-    # the reverse sweep does not evaluate the map again.
     def replay(j, state):
-      buffer, it = state
-      it, pullback = traced_step(it, start + j)
-      residuals, treedef = jax.tree.flatten(pullback)
+      buffer, carry = state
+      carry, pullback = traced_step(carry, start + j)
+      leaves, treedef = jax.tree.flatten(pullback)
       if not pullback_treedef:
         pullback_treedef.append(treedef)
       buffer = [jax.lax.dynamic_update_index_in_dim(b, r, j, 0)
-                for b, r in zip(buffer, residuals)]
-      return buffer, it
+                for b, r in zip(buffer, leaves)]
+      return buffer, carry
 
-    buffer, _ = jax.lax.fori_loop(0, length, replay, (residual_buffer, first))
+    buffer, _ = jax.lax.fori_loop(0, length, replay,
+                                  (residual_buffer, checkpoint(seg)))
 
     def reverse(i, state):
-      cot_diff, cot_args = state
+      (cot_z, cot_fz, cot_state), cot_args = state
       j = length - 1 - i
+      cot_z = inject(cot_z, start + j + 1)
       pullback = jax.tree.unflatten(pullback_treedef[0], [
           jax.lax.dynamic_index_in_dim(b, j, 0, keepdims=False)
           for b in buffer])
-      cot_diff, cot_step_args = pullback(cot_diff)
-      return cot_diff, jax.tree.map(jnp.add, cot_args, cot_step_args)
+      cot_z, cot_fz, cot_state, cot_step_args = pullback(
+          (cot_z, cot_fz, cot_state))
+      return ((cot_z, cot_fz, cot_state),
+              jax.tree.map(jnp.add, cot_args, cot_step_args))
 
-    cot_diff, cot_args = jax.lax.fori_loop(0, length, reverse,
-                                           (cot_diff, cot_args))
-    return seg - 1, cot_diff, cot_args
+    cot, cot_args = jax.lax.fori_loop(0, length, reverse, (cot, cot_args))
+    return seg - 1, cot, cot_args
 
+  first = checkpoint(0)
+  cot = (jnp.zeros_like(z0), jnp.zeros_like(first[1]),
+         [jnp.zeros_like(x) for x in first[2]])
+  cot_args = jax.tree.map(jnp.zeros_like, diff_args)
   num_segments = -(-num_steps // every)
-  _, cot_diff, cot_args = jax.lax.while_loop(
-      lambda c: c[0] >= 0, segment, (num_segments - 1, cot_diff, cot_args))
+  _, (cot_z, cot_fz, cot_state), cot_args = jax.lax.while_loop(
+      lambda c: c[0] >= 0, segment, (num_segments - 1, cot, cot_args))
+  cot_z = inject(cot_z, 0)
 
-  # Through the initial evaluation f(z0) to z0 and args.
+  # Through the initial evaluation f(z0) and solver.init to z0 and args.
   def start(z0, a):
-    return split(loop.init_iterate(f, solver, z0, rebuild(a)))[0]
+    it = loop.init_iterate(f, solver, z0, rebuild(a))
+    return it.z, it.fz, split_state(it.solver_state)[0]
 
   _, vjp_init = jax.vjp(start, z0, diff_args)
-  cot_z0, cot_init_args = vjp_init(cot_diff)
+  cot_z0, cot_init_args = vjp_init((cot_z, cot_fz, cot_state))
   cot_args = jax.tree.map(jnp.add, cot_args, cot_init_args)
   return cot_z0, _fill_nondifferentiable(args, cot_args), zeros_probe
 
 
 _unrolled.defvjp(_unrolled_fwd, _unrolled_bwd)
-
-
-def _take_slice(buffer, index):
-  return jax.tree.map(
-      lambda b: jax.lax.dynamic_index_in_dim(b, index, 0, keepdims=False),
-      buffer)
-
-
-def _store_slice(buffer, tree, index):
-  return jax.tree.map(
-      lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, index, 0),
-      buffer, tree)
 
 
 # ----------------------------------------------------------------- phantom ---

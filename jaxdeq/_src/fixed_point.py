@@ -118,5 +118,6 @@ def fixed_point(
         stats._replace(residual=stats.residual[0],
                        converged=stats.converged[0],
                        trace=stats.trace[:, 0],
-                       sample_steps=stats.sample_steps[0]))
+                       sample_steps=stats.sample_steps[0],
+                       best_step=stats.best_step[0]))
   return sol

@@ -30,6 +30,7 @@ class Iterate(NamedTuple):
     best_residual: (batch,) residual of `best_z` (inf until a finite one).
     done: (batch,) bool, converged or non-finite: no longer updated.
     sample_steps: (batch,) int32, steps taken while not done.
+    best_step: (batch,) int32, the step after which `best_z` was the iterate.
   """
 
   z: jax.Array
@@ -40,6 +41,7 @@ class Iterate(NamedTuple):
   best_residual: jax.Array
   done: jax.Array
   sample_steps: jax.Array
+  best_step: jax.Array
 
 
 def residual(z: jax.Array, fz: jax.Array,
@@ -73,6 +75,7 @@ def init_iterate(f, solver: base.FixedPointSolver, z0: jax.Array,
       best_residual=jnp.where(jnp.isfinite(res), res, jnp.inf),
       done=_is_done(res, solver.tol),
       sample_steps=jnp.zeros(z0.shape[:1], jnp.int32),
+      best_step=jnp.zeros(z0.shape[:1], jnp.int32),
   )
 
 
@@ -97,6 +100,7 @@ def advance(f, solver: base.FixedPointSolver, args: Any, it: Iterate,
       best_residual=jnp.where(improved, res, it.best_residual),
       done=it.done | _is_done(res, solver.tol),
       sample_steps=it.sample_steps + active.astype(jnp.int32),
+      best_step=jnp.where(improved, step_index + 1, it.best_step),
   )
 
 
@@ -172,5 +176,6 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
       trace=final.trace,
       status=solution_lib.batch_status(converged, ~jnp.isfinite(it.residual)),
       sample_steps=it.sample_steps,
+      best_step=it.best_step,
   )
   return solution_lib.Solution(it.best_z, stats), final.checkpoints

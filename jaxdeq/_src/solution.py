@@ -51,6 +51,8 @@ class SolverStats(NamedTuple):
     trace: (max_steps, batch) residual after each step, NaN past the last one.
     status: () int32, a `Status` code: the worst over the batch.
     sample_steps: (batch,) int32, steps each sample took before it was frozen.
+    best_step: (batch,) int32, the step after which the returned value was
+      the iterate (0: the initial guess).
   """
 
   num_steps: jax.Array
@@ -59,6 +61,7 @@ class SolverStats(NamedTuple):
   trace: jax.Array
   status: jax.Array
   sample_steps: jax.Array
+  best_step: jax.Array
 
 
 class Solution(NamedTuple):
