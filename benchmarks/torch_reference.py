@@ -111,7 +111,7 @@ def load_jax_weights(model: nn.Sequential, weights: dict) -> None:
       module.weight.copy_(torch.from_numpy(np.asarray(
           weights[name]["kernel"], np.float32).T.copy()))
       if "bias" in weights[name]:
-        module.bias.copy_(torch.from_numpy(np.asarray(
+        module.bias.copy_(torch.from_numpy(np.array(
             weights[name]["bias"], np.float32)))
 
 

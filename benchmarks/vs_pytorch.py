@@ -98,6 +98,18 @@ def dense_newton_gflop(layer: str, row: dict, n_train: int,
   return n_train // batch * factorisations * lu / 1e9
 
 
+def last_epoch(history: list[dict]) -> dict:
+  """The last epoch's metrics, timed by the fastest epoch after the first.
+
+  Epoch 1 includes compilation; the minimum over the later epochs is the
+  figure least disturbed by other load on a shared machine.
+  """
+  row = dict(history[-1])
+  later = history[1:] or history
+  row["train_seconds"] = min(r["train_seconds"] for r in later)
+  return row
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=2)
@@ -130,7 +142,7 @@ def main(argv=None) -> None:
       if who == "torch":
         runs[who] = torch_reference.train(layer.removesuffix("_gmres"),
                                           dataset, args.epochs,
-                                          weights=weights, orders=orders)[-1]
+                                          weights=weights, orders=orders)
       else:
         config = training.Config(dataset="fashion_mnist",
                                  data_dir=args.data_dir, epochs=args.epochs,
@@ -138,9 +150,9 @@ def main(argv=None) -> None:
                                  progress=False,
                                  skip_grad_norm=skip_grad_norm(layer))
         runs[who] = mnist_train.train_and_evaluate(
-            config, layer)[-1]
-      print(layer, who, runs[who], flush=True)
-    t, j = runs["torch"], runs["jaxdeq"]
+            config, layer)
+      print(layer, who, runs[who][-1], flush=True)
+    t, j = last_epoch(runs["torch"]), last_epoch(runs["jaxdeq"])
     gflops = ""
     if layer == "fixed_point":
       gflop = fixed_point_gflop(j, len(dataset.train_images))
@@ -155,8 +167,9 @@ def main(argv=None) -> None:
         f"{t['test_error']:.4f}", f"{j['test_error']:.4f}",
         f"{t['skipped_steps']} / {j['skipped_steps']}", gflops])
   body = _results.markdown_table(
-      [f"layer (Fashion-MNIST, epoch {args.epochs})", "PyTorch s/epoch",
-       "jaxdeq s/epoch", "speed-up", "PyTorch steps/batch",
+      [f"layer (Fashion-MNIST, epoch {args.epochs})",
+       "PyTorch s/epoch (best of epochs 2+)", "jaxdeq s/epoch (same)",
+       "speed-up", "PyTorch steps/batch",
        "jaxdeq steps/batch", "PyTorch test err", "jaxdeq test err",
        "skipped updates PyTorch / jaxdeq", "jaxdeq GFLOP/s / peak matmul"],
       rows)

@@ -279,7 +279,9 @@ def _unrolled_bwd(f, solver, residuals, cotangent):
     return cot_z + jnp.where(hit, cot_best, 0)
 
   def segment(carry):
-    seg, cot, cot_args = carry
+    # The residual buffer travels in the carry: every slot a segment reads
+    # it wrote first, so it needs no clearing between segments.
+    seg, buffer, cot, cot_args = carry
     start = seg * every
     length = jnp.minimum(every, num_steps - start)
 
@@ -294,7 +296,7 @@ def _unrolled_bwd(f, solver, residuals, cotangent):
       return buffer, carry
 
     buffer, _ = jax.lax.fori_loop(0, length, replay,
-                                  (residual_buffer, checkpoint(seg)))
+                                  (buffer, checkpoint(seg)))
 
     def reverse(i, state):
       (cot_z, cot_fz, cot_state), cot_args = state
@@ -309,15 +311,16 @@ def _unrolled_bwd(f, solver, residuals, cotangent):
               jax.tree.map(jnp.add, cot_args, cot_step_args))
 
     cot, cot_args = jax.lax.fori_loop(0, length, reverse, (cot, cot_args))
-    return seg - 1, cot, cot_args
+    return seg - 1, buffer, cot, cot_args
 
   first = checkpoint(0)
   cot = (jnp.zeros_like(z0), jnp.zeros_like(first[1]),
          [jnp.zeros_like(x) for x in first[2]])
   cot_args = jax.tree.map(jnp.zeros_like, diff_args)
   num_segments = -(-num_steps // every)
-  _, (cot_z, cot_fz, cot_state), cot_args = jax.lax.while_loop(
-      lambda c: c[0] >= 0, segment, (num_segments - 1, cot, cot_args))
+  _, _, (cot_z, cot_fz, cot_state), cot_args = jax.lax.while_loop(
+      lambda c: c[0] >= 0, segment,
+      (num_segments - 1, residual_buffer, cot, cot_args))
   cot_z = inject(cot_z, 0)
 
   # Through the initial evaluation f(z0) and solver.init to z0 and args.

@@ -253,4 +253,7 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
   rhs = jnp.where(unused, 0, beta[:, None] * rotations[:, :k, 0])
   coefficients = jax.scipy.linalg.solve_triangular(
       upper, rhs[..., None], lower=False)[..., 0]
-  return jnp.einsum("bkn,bk->bn", basis[:, :k], coefficients)
+  # The unused last basis vector gets a zero coefficient: slicing it off
+  # would copy the whole basis.
+  coefficients = jnp.pad(coefficients, ((0, 0), (0, 1)))
+  return jnp.einsum("bkn,bk->bn", basis, coefficients)
