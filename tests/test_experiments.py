@@ -182,3 +182,19 @@ def test_kill_minus_nine_then_resume(mnist_dir, tmp_path):
                   strict=True):
     for key in ("train_error", "train_loss", "test_error", "test_loss"):
       assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("layer, flag, expected", [
+    ("newton", [], 100.0),
+    ("newton_gmres", [], 100.0),
+    ("newton", ["--skip-grad-norm", "5"], 5.0),
+    ("fixed_point", [], None),
+    ("newton_implicit", [], None),
+])
+def test_mnist_cli_skip_grad_norm_default(layer, flag, expected, monkeypatch):
+  from experiments.mnist import main as mnist_main
+  seen = []
+  monkeypatch.setattr(mnist_train, "train_and_evaluate",
+                      lambda config, layer: seen.append(config))
+  mnist_main.main(["--layer", layer, *flag])
+  assert seen[0].skip_grad_norm == expected

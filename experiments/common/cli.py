@@ -5,28 +5,25 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got"
-                                     f" {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got"
-                                     f" {value}")
-  return value
+def _positive(convert, kind: str):
+  """An argparse type: `convert(text)`, which must be > 0 (and finite)."""
+
+  def parse(text: str):
+    try:
+      value = convert(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a positive {kind}, got"
+                                       f" {text!r}") from None
+    if not 0 < value < float("inf"):
+      raise argparse.ArgumentTypeError(f"expected a positive {kind}, got"
+                                       f" {value}")
+    return value
+
+  return parse
 
 
-def positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got"
-                                     f" {text!r}") from None
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got"
-                                     f" {value}")
-  return value
+positive_int = _positive(int, "integer")
+positive_float = _positive(float, "number")
 
 
 def add_common_flags(parser: argparse.ArgumentParser, epochs_help: str,
@@ -53,6 +50,6 @@ def add_common_flags(parser: argparse.ArgumentParser, epochs_help: str,
   parser.add_argument("--skip-grad-norm", type=positive_float, default=None,
                       help="also undo updates whose gradient norm exceeds"
                       " this (default: only non-finite ones, the tutorial's"
-                      " NaN guard)")
+                      " NaN guard; 100 for the unrolled Newton MNIST layers)")
   parser.add_argument("--no-progress", action="store_true",
                       help="no tqdm progress bar")

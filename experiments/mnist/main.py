@@ -26,7 +26,9 @@ def main(argv=None) -> None:
       metrics_out=args.metrics_out, workdir=args.workdir, plots=args.plots,
       limit_train=args.limit_train, limit_test=args.limit_test,
       distributed=args.distributed, progress=not args.no_progress,
-      skip_grad_norm=args.skip_grad_norm)
+      skip_grad_norm=(args.skip_grad_norm if args.skip_grad_norm is not None
+                      else models.UNROLLED_NEWTON_SKIP_GRAD_NORM.get(
+                          args.layer)))
   try:
     train.train_and_evaluate(config, args.layer)
   except (data.DataError, ValueError) as error:

@@ -21,6 +21,12 @@ LAYERS = {
 }
 
 
+# Backprop through a long Newton trajectory can explode (see README): these
+# layers' runs undo updates with gradient norm above this unless
+# --skip-grad-norm says otherwise.
+UNROLLED_NEWTON_SKIP_GRAD_NORM = {"newton": 100.0, "newton_gmres": 100.0}
+
+
 def make_model(layer: str, rngs: nnx.Rngs) -> nnx.Sequential:
   """784 -> 100 linear, the equilibrium layer (width 100), 100 -> 10 linear."""
   if layer not in LAYERS:
