@@ -371,3 +371,17 @@ def test_newton_gmres_matches_dense_newton_per_sample(x64):
   chex.assert_trees_all_close(gmres.value, dense.value, atol=1e-9)
   # Inexact inner solves cost at most a couple of extra Newton steps.
   assert int(gmres.stats.num_steps) <= int(dense.stats.num_steps) + 3
+
+
+def test_broyden_full_memory_restarts_instead_of_diverging():
+  # z = z A + b with A symmetric, eigenvalues spread over [0, 0.98]: with a
+  # ring of the latest rank-one updates Broyden blew up to inf here; with a
+  # restart when its memory is full it converges.
+  q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (100, 100)))
+  a = (q * jnp.linspace(0.0, 0.98, 100)) @ q.T
+  b = jax.random.normal(jax.random.key(1), (16, 100))
+  sol = jaxdeq.fixed_point(lambda z, a: z @ a + b, jnp.zeros_like(b), a,
+                           solver=jaxdeq.Broyden(1e-4, 500))
+  assert bool(jnp.all(sol.stats.converged)), sol.stats.residual
+  assert int(sol.stats.status) == jaxdeq.Status.SUCCESSFUL
+  chex.assert_trees_all_close(sol.value @ (jnp.eye(100) - a), b, atol=1e-2)

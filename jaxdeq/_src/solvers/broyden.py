@@ -32,9 +32,11 @@ class Broyden(base.FixedPointSolver):
   """Good Broyden on g(z) = f(z) - z with a rank-`memory` inverse estimate.
 
   The inverse Jacobian of g starts at -I (so the first step is plain
-  iteration) and receives one rank-one update per step, stored in a ring of
-  `memory` slots. Updates whose denominator vanishes (a frozen sample, a
-  repeated point) are skipped rather than divided by zero.
+  iteration) and receives one rank-one update per step in `memory` slots;
+  when they are full the estimate restarts from -I (overwriting the oldest
+  update instead diverged to inf on a badly conditioned linear map). Updates
+  whose denominator vanishes (a frozen sample, a repeated point) are skipped
+  rather than divided by zero.
 
   Attributes:
     tol: residual tolerance per sample.
@@ -77,6 +79,12 @@ class Broyden(base.FixedPointSolver):
     u = jnp.where(usable, u_num / jnp.where(usable, denom, 1), 0)
     v = jnp.where(usable, v, 0)
     slot = jnp.maximum(step_index - 1, 0) % self.memory
+    # A full memory restarts from -I rather than overwriting its oldest
+    # update: a ring of the latest updates is no Broyden estimate, and it
+    # diverged to inf on a well-posed linear map.
+    restart = (slot == 0) & (step_index > 1)
+    us = jnp.where(restart, 0, us)
+    vs = jnp.where(restart, 0, vs)
     us = jax.lax.dynamic_update_index_in_dim(us, u, slot, axis=1)
     vs = jax.lax.dynamic_update_index_in_dim(vs, v, slot, axis=1)
     z_next = flat_z - _matvec(us, vs, g)
