@@ -55,3 +55,9 @@ def append(title: str, command: str, body: str) -> None:
   with open(RESULTS, "a") as handle:
     handle.write(section)
   print(f"appended to {RESULTS}")
+
+
+def command(module: str, argv=None) -> str:
+  """The command line that ran `benchmarks.<module>`, for a section header."""
+  args = sys.argv[1:] if argv is None else argv
+  return " ".join(["python -m benchmarks." + module, *args])

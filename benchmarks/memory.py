@@ -13,7 +13,6 @@ stores every iterate.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +110,7 @@ def main(argv=None) -> None:
     fig.savefig(args.plot)
     body += f"\n\n![memory vs steps]({args.plot.split('/')[-1]})"
   _results.append("Memory: one training step vs solver steps",
-                  "python -m benchmarks.memory " + " ".join(
-                      sys.argv[1:] if argv is None else argv), body)
+                  _results.command("memory", argv), body)
 
 
 if __name__ == "__main__":

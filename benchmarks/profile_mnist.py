@@ -20,7 +20,6 @@ import glob
 import gzip
 import json
 import re
-import sys
 import tempfile
 import time
 
@@ -201,8 +200,7 @@ def main(argv=None) -> None:
       " warm-up batches). Op times are summed over the profiled steps; 'not in"
       " ops' is the profiled wall time they leave (dispatch, host, gaps).")
   _results.append("Profile of an MNIST training step",
-                  "python -m benchmarks.profile_mnist " + " ".join(
-                      sys.argv[1:] if argv is None else argv), body)
+                  _results.command("profile_mnist", argv), body)
 
 
 if __name__ == "__main__":

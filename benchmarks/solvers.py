@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import jax
@@ -153,8 +152,7 @@ def main(argv=None) -> None:
       ["problem", "solver", "fwd ms", "fwd+bwd ms", "steps",
        "worst per-sample rel. residual"], rows)
   _results.append("Solvers vs jaxopt and optimistix",
-                  "python -m benchmarks.solvers " + " ".join(
-                      sys.argv[1:] if argv is None else argv), body)
+                  _results.command("solvers", argv), body)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ without the suffix.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import jax
@@ -188,8 +187,7 @@ def main(argv=None) -> None:
            f" also undo updates with gradient norm > {args.skip_grad_norm:g}"
            " (`--skip-grad-norm`; normal norms are ~1).")
   _results.append("vs the tutorial's PyTorch (MNIST layers)",
-                  "python -m benchmarks.vs_pytorch " + " ".join(
-                      sys.argv[1:] if argv is None else argv), body)
+                  _results.command("vs_pytorch", argv), body)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import jax
@@ -198,8 +197,7 @@ def main(argv=None) -> None:
            f" {args.max_steps} steps, implicit backward by Anderson; CPU, torch"
            f" threads = {torch.get_num_threads()}.")
   _results.append("vs torchdeq (ResNet and tanh cells)",
-                  "python -m benchmarks.vs_torchdeq " + " ".join(
-                      sys.argv[1:] if argv is None else argv), body)
+                  _results.command("vs_torchdeq", argv), body)
 
 
 if __name__ == "__main__":
