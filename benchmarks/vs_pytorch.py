@@ -33,8 +33,8 @@ from experiments.mnist import train as mnist_train
 def jaxdeq_start(layer: str, seed: int, n_train: int, epochs: int):
   """jaxdeq's initial weights and per-epoch training orders for `seed`.
 
-  Mirrors `training.train_and_evaluate` (model from `nnx.Rngs(seed)`, epoch e
-  shuffled by `fold_in(key(seed), e)`), so that the PyTorch run starts from
+  Mirrors `training.train_and_evaluate` (model from `nnx.Rngs(seed)`, epochs
+  shuffled by `training.epoch_order`), so that the PyTorch run starts from
   the same weights and sees the same batches.
   """
   model = mnist_models.make_model(layer, nnx.Rngs(seed))
@@ -46,9 +46,7 @@ def jaxdeq_start(layer: str, seed: int, n_train: int, epochs: int):
       "linear_out": {"kernel": as_numpy(model.layers[2].kernel),
                      "bias": as_numpy(model.layers[2].bias)},
   }
-  base_key = jax.random.key(seed)
-  orders = [np.asarray(jax.random.permutation(jax.random.fold_in(base_key, e),
-                                              n_train))
+  orders = [np.asarray(training.epoch_order(seed, e, n_train))
             for e in range(1, epochs + 1)]
   return weights, orders
 
@@ -127,7 +125,7 @@ def main(argv=None) -> None:
   peak = peak_matmul_gflops()
 
   def skip_grad_norm(layer):
-    unrolled_newton = layer in ("newton", "newton_gmres")
+    unrolled_newton = layer in mnist_models.UNROLLED_NEWTON_SKIP_GRAD_NORM
     return (args.skip_grad_norm
             if unrolled_newton and args.skip_grad_norm > 0 else None)
 

@@ -88,6 +88,12 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
+def epoch_order(seed: int, epoch: int, size: int) -> jax.Array:
+  """The training permutation of `epoch` (1-based) for a run with `seed`."""
+  return jax.random.permutation(
+      jax.random.fold_in(jax.random.key(seed), epoch), size)
+
+
 def make_steps(experiment: Experiment,
                skip_grad_norm: Optional[float] = None):
   """The jitted train and eval steps of an experiment.
@@ -262,10 +268,8 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
       (np.arange(test_batches * config.batch_size) < len(dataset.test_images)
        ).reshape(test_batches, config.batch_size),
       NamedSharding(mesh, PartitionSpec(None, "data")))
-  base_key = jax.random.key(config.seed)
   for epoch in range(start_epoch + 1, config.epochs + 1):
-    order = jax.random.permutation(jax.random.fold_in(base_key, epoch),
-                                   len(dataset.train_images))
+    order = epoch_order(config.seed, epoch, len(dataset.train_images))
     model.train()
     bar = _progress(steps_per_epoch, config.progress, f"epoch {epoch}")
     started = time.perf_counter()
