@@ -7,6 +7,8 @@ from jaxdeq._src.adjoint import ImplicitAdjoint
 from jaxdeq._src.adjoint import PhantomAdjoint
 from jaxdeq._src.adjoint import UnrolledAdjoint
 from jaxdeq._src.fixed_point import fixed_point
+from jaxdeq._src.linear_solve import GMRES
+from jaxdeq._src.solution import catch_failures
 from jaxdeq._src.solution import FixedPointError
 from jaxdeq._src.solution import Solution
 from jaxdeq._src.solution import SolverStats
@@ -31,11 +33,13 @@ __all__ = (
     "backward_probe",
     "Broyden",
     "BroydenState",
+    "catch_failures",
     "FixedPointError",
     "FixedPointIteration",
     "FixedPointIterationState",
     "FixedPointSolver",
     "fixed_point",
+    "GMRES",
     "ImplicitAdjoint",
     "Newton",
     "NewtonState",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxdeq
-from jaxdeq._src.solvers.newton import batched_gmres
+from jaxdeq._src.linear_solve import batched_gmres
 
 COS_FIXED_POINT = 0.7390851332151607
 
@@ -292,7 +292,7 @@ def test_bad_solver_and_adjoint_objects():
 
 def test_bad_newton_jacobian_shape():
   solver = jaxdeq.Newton(jacobian=lambda z, a: jnp.ones((2, 3)))
-  with pytest.raises(ValueError, match="jacobian"):
+  with pytest.raises(ValueError, match="Jacobian of g"):
     jaxdeq.fixed_point(cos_map, jnp.zeros((2, 3)), solver=solver)
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxdeq._src import linear_solve
 from jaxdeq._src import loop
 from jaxdeq._src import solution as solution_lib
+from jaxdeq._src import tree
 from jaxdeq._src.solvers import base
 
 
@@ -20,7 +21,8 @@ class BackwardStats(NamedTuple):
 
   Attributes:
     num_steps: steps the backward solver took (summed over solves when read
-      from a probe gradient that several solves share).
+      from a probe gradient that several solves share; for `GMRES`,
+      matrix-vector products).
     residual: largest backward residual over the batch.
     not_converged: number of samples whose backward solve missed `tol`.
   """
@@ -39,10 +41,11 @@ class BackwardStats(NamedTuple):
       ...   sol = jaxdeq.fixed_point(lambda z, x: 0.5 * jnp.tanh(z) + x,
       ...                            jnp.zeros((2, 3)), x, backward_probe=probe)
       ...   return sol.value.sum()
-      >>> g = jax.grad(loss, argnums=1)(jnp.ones((2, 3)),
-      ...                               jaxdeq.backward_probe())
-      >>> int(jaxdeq.BackwardStats.from_probe_grad(g).not_converged)
-      0
+      >>> _, g = jax.grad(loss, argnums=(0, 1))(jnp.ones((2, 3)),
+      ...                                       jaxdeq.backward_probe())
+      >>> stats = jaxdeq.BackwardStats.from_probe_grad(g)
+      >>> int(stats.num_steps) > 0, int(stats.not_converged)
+      (True, 0)
     """
     return cls(probe_grad[0], probe_grad[1], probe_grad[2])
 
@@ -51,7 +54,9 @@ def backward_probe(dtype: Any = jnp.float32) -> jax.Array:
   """A zero vector whose gradient carries `BackwardStats` out of a backward.
 
   Pass it to `fixed_point(..., backward_probe=probe)` and differentiate with
-  respect to it as well: `BackwardStats.from_probe_grad` reads the gradient.
+  respect to it as well as the parameters: `BackwardStats.from_probe_grad`
+  reads the gradient (zeros when nothing else is differentiated, as no
+  backward solve runs then).
   It leaves every other gradient unchanged and needs no host callback.
 
   Example:
@@ -63,30 +68,52 @@ def backward_probe(dtype: Any = jnp.float32) -> jax.Array:
 
 
 class AbstractAdjoint:
-  """How `fixed_point` differentiates the solution with respect to `args`."""
+  """How `fixed_point` differentiates the solution with respect to `args`.
 
-  def solve(self, f, z0, args, solver: base.FixedPointSolver, probe,
-            throw: bool) -> solution_lib.Solution:
+  An adjoint gets the map (a `Map` on (batch, d) states), the raveled
+  initial state, the map's arguments and the forward solver, and returns the
+  `Solution` with whatever derivative rules it defines.
+  """
+
+  def solve(self, fn: base.Map, z0: jax.Array, args: Any,
+            solver: base.FixedPointSolver) -> solution_lib.Solution:
     raise NotImplementedError
+
+
+def _solve(fn, z0, args, solver):
+  return loop.solve(fn, z0, args, solver)[0]
+
+
+def _zero_stats_tangent(stats: solution_lib.SolverStats):
+  return jax.tree.map(tree.zero_tangent, stats)
 
 
 # ---------------------------------------------------------------- implicit ---
 
 
+LinearSolver = Union[base.FixedPointSolver, linear_solve.GMRES]
+
+
 @dataclasses.dataclass(frozen=True)
 class ImplicitAdjoint(AbstractAdjoint):
-  """Implicit-function-theorem gradients; memory independent of the steps.
+  """Implicit-function-theorem derivatives; memory independent of the steps.
 
-  The backward pass solves u = u . df/dz(z*) + g matrix-free (one VJP of f per
-  step, no Jacobian is formed) with a fixed-point solver, then returns
-  u . df/dargs. The gradient with respect to `z0` is zero: z* does not depend
-  on where the solve started.
+  One JVP rule: the tangent of z* is the solution v of (I - df/dz) v =
+  (df/dargs) dargs at z*, a matrix-free linear solve
+  (`jax.lax.custom_linear_solve`) whose transpose, u = u df/dz + g solved
+  with VJPs, is the reverse-mode backward. So `jax.grad`, `jax.jvp`,
+  `jax.jacfwd`, `jax.hessian` and `grad(grad(...))` all give the implicit
+  derivatives, and no Jacobian is formed. The derivative with respect to
+  `z0` is zero: z* does not depend on where the solve started.
 
   Attributes:
-    solver: solver of the backward system; default: the forward solver's kind
-      and settings (for Newton with a closed-form Jacobian, its transpose).
-    callback: optional host function called with the backward `SolverStats`
-      (through `jax.debug.callback`); None (the default) costs nothing.
+    solver: solver of the linear systems: a fixed-point solver (default: the
+      forward solver's kind and settings; Newton uses the map's closed-form
+      Jacobian, transposed for the backward) or `jaxdeq.GMRES()` for maps
+      whose linear iteration barely contracts.
+    callback: optional host function called with the `SolverStats` of each
+      reverse-mode backward solve (through `jax.debug.callback`).
+    throw: raise `FixedPointError` when a backward solve fails.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxdeq
@@ -96,64 +123,147 @@ class ImplicitAdjoint(AbstractAdjoint):
     ...                             adjoint=jaxdeq.ImplicitAdjoint()).value
     >>> round(float(jax.grad(lambda x: z_star(x).sum())(jnp.ones(1))[0]), 3)
     2.0
+    >>> round(float(jax.jvp(z_star, (jnp.ones(1),), (jnp.ones(1),))[1][0]), 3)
+    2.0
   """
 
-  solver: Optional[base.FixedPointSolver] = None
+  solver: Optional[LinearSolver] = None
   callback: Optional[Callable[[solution_lib.SolverStats], Any]] = None
+  throw: bool = False
 
   def __post_init__(self):
-    if self.solver is not None and not isinstance(self.solver,
-                                                  base.FixedPointSolver):
+    if self.solver is not None and not isinstance(
+        self.solver, (base.FixedPointSolver, linear_solve.GMRES)):
       raise TypeError(
-          f"ImplicitAdjoint: solver must be a jaxdeq solver, got"
-          f" {self.solver!r}")
+          f"ImplicitAdjoint: solver must be a jaxdeq solver or jaxdeq.GMRES(),"
+          f" got {self.solver!r}")
+    if not isinstance(self.throw, bool):
+      raise TypeError(f"ImplicitAdjoint: throw must be a bool, got"
+                      f" {self.throw!r}")
 
-  def solve(self, f, z0, args, solver, probe, throw):
-    return _implicit(f, solver, self, throw, z0, args, probe)
+  def solve(self, fn, z0, args, solver):
+    return _implicit_solve(fn, solver, self, z0, args, None)
+
+  def solve_with_probe(self, fn: base.Map, z0: jax.Array, args: Any,
+                       solver: base.FixedPointSolver,
+                       probe: jax.Array) -> solution_lib.Solution:
+    """`solve`, and the reverse-mode cotangent of `probe` is `BackwardStats`.
+
+    The probe enters the tangent system as an identity block whose transpose
+    returns the backward statistics instead of its cotangent: a value that
+    leaves a jitted backward pass without host callbacks (first-order
+    reverse mode only; forward mode ignores it).
+    """
+    return _implicit_solve(fn, solver, self, z0, args, probe)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _implicit(f, solver, adjoint, throw, z0, args, probe):
-  del adjoint, throw, probe
-  sol, _ = loop.solve(f, z0, args, solver)
-  return sol
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _implicit_solve(fn, solver, adjoint, z0, args, probe):
+  del adjoint, probe
+  return _solve(fn, z0, args, solver)
 
 
-def _implicit_fwd(f, solver, adjoint, throw, z0, args, probe):
-  sol, _ = loop.solve(f, z0, args, solver)
-  return sol, (sol.value, args, jnp.zeros_like(z0), probe)
+def _implicit_solve_jvp(fn, solver, adjoint, primals, tangents):
+  z0, args, probe = primals
+  _, args_dot, probe_dot = tangents
+  # Calling the custom_jvp function itself keeps the rule differentiable:
+  # second derivatives go through this rule again, never through the loop.
+  sol = _implicit_solve(fn, solver, adjoint, z0, args, probe)
+  stats_dot = _zero_stats_tangent(sol.stats)
+  z_star = sol.value
+  # Only the args that carry a tangent are linearised: a known zero tangent
+  # pushed through a map with custom_vjp parts (no forward mode) would be
+  # evaluated, not transposed.
+  leaves, treedef = jax.tree.flatten(args)
+  dots = jax.tree.leaves(args_dot, is_leaf=_is_symbolic_zero)
+  moving = [tree.is_differentiable(x) and not _is_symbolic_zero(t)
+            for x, t in zip(leaves, dots)]
+  if not any(moving):
+    return sol, sol._replace(value=jnp.zeros_like(z_star), stats=stats_dot)
+
+  def map_of_moving(moving_leaves):
+    it = iter(moving_leaves)
+    return fn(z_star, jax.tree.unflatten(
+        treedef, [next(it) if m else x for x, m in zip(leaves, moving)]))
+
+  # Linearisations rather than jax.jvp: reverse mode then also works for
+  # maps that contain custom_vjp functions (which have no forward mode).
+  _, args_jvp = jax.linearize(
+      map_of_moving, [x for x, m in zip(leaves, moving) if m])
+  rhs = args_jvp([t for t, m in zip(dots, moving) if m])
+  _, f_jvp = jax.linearize(lambda z: fn(z, args), z_star)
+  linear_solver = adjoint.solver or solver
+  jacobian = None
+  if fn.residual_jacobian is not None:
+    jacobian = fn.residual_jacobian(z_star, args)
+
+  def matvec(x):
+    v, p = x
+    return v - f_jvp(v), p
+
+  def solve(matvec, b):
+    rhs, p = b
+    v, _ = _linear_solve(linear_solver,
+                         lambda v: matvec((v, jnp.zeros_like(p)))[0], rhs,
+                         jacobian)
+    return v, p
+
+  def transpose_solve(vecmat, b):
+    cot, p = b
+    transposed = None if jacobian is None else jnp.swapaxes(jacobian, 1, 2)
+    u, stats = _linear_solve(linear_solver,
+                             lambda u: vecmat((u, jnp.zeros_like(p)))[0], cot,
+                             transposed)
+    _report_backward(adjoint, linear_solver, stats)
+    return u, _stats_vector(stats, p.dtype)
+
+  # The probe block must be linear in the tangents for custom_linear_solve
+  # to transpose it: a zero multiple of rhs when the probe has no tangent.
+  probe_dtype = rhs.dtype if probe is None else probe.dtype
+  linear_zero = (jnp.sum(rhs[:1, :1]) * 0).astype(probe_dtype)
+  if probe is None or _is_symbolic_zero(probe_dot):
+    probe_dot = linear_zero + jnp.zeros((3,), probe_dtype)
+  value_dot, _ = jax.lax.custom_linear_solve(
+      matvec, (rhs, probe_dot), solve, transpose_solve)
+  return sol, sol._replace(value=value_dot, stats=stats_dot)
 
 
-def _implicit_bwd(f, solver, adjoint, throw, residuals, cotangent):
-  z_star, args, zeros_z0, probe = residuals
-  grad_z = cotangent.value
-  diff_args, rebuild = _split_differentiable(args)
-  _, vjp = jax.vjp(lambda z, a: f(z, rebuild(a)), z_star, diff_args)
+_implicit_solve.defjvp(_implicit_solve_jvp, symbolic_zeros=True)
 
-  def backward_map(u, backward_args):
-    return vjp(u)[0] + backward_args[2]
 
-  backward_solver = adjoint.solver or solver.adjoint_solver()
-  bsol, _ = loop.solve(backward_map, jnp.zeros_like(grad_z),
-                       (z_star, args, grad_z), backward_solver)
+def _is_symbolic_zero(x) -> bool:
+  return isinstance(x, jax.custom_derivatives.SymbolicZero)
+
+
+def _linear_solve(linear_solver, operator, rhs, jacobian):
+  """x with operator(x) = rhs, where operator = I - A; and its stats.
+
+  A fixed-point solver iterates x <- A x + rhs (Newton with the closed form
+  `jacobian` of I - A when given); GMRES works on the operator directly.
+  """
+  if isinstance(linear_solver, linear_solve.GMRES):
+    return linear_solver.solve(operator, rhs)
+  linear_map = base.Map(
+      lambda x, b: x - operator(x) + b,
+      None if jacobian is None else lambda x, b: jacobian)
+  sol = _solve(linear_map, jnp.zeros_like(rhs), rhs, linear_solver)
+  return sol.value, sol.stats
+
+
+def _report_backward(adjoint, linear_solver, stats):
   if adjoint.callback is not None:
-    jax.debug.callback(adjoint.callback, bsol.stats)
-  if throw:
-    solution_lib.raise_if_failed(bsol.stats.status, bsol.stats.residual,
-                                 backward_solver.tol, "backward")
-  grad_args = _fill_nondifferentiable(args, vjp(bsol.value)[1])
-  grad_probe = None
-  if probe is not None:
-    stats = bsol.stats
-    grad_probe = jnp.stack([
-        stats.num_steps.astype(probe.dtype),
-        jnp.max(stats.residual).astype(probe.dtype),
-        jnp.sum(~stats.converged).astype(probe.dtype),
-    ])
-  return zeros_z0, grad_args, grad_probe
+    jax.debug.callback(adjoint.callback, stats)
+  if adjoint.throw:
+    solution_lib.raise_if_failed(stats.status, stats.residual,
+                                 linear_solver.tol, "backward")
 
 
-_implicit.defvjp(_implicit_fwd, _implicit_bwd)
+def _stats_vector(stats, dtype):
+  return jnp.stack([
+      stats.num_steps.astype(dtype),
+      jnp.max(stats.residual, initial=0).astype(dtype),
+      jnp.sum(~stats.converged).astype(dtype),
+  ])
 
 
 # ---------------------------------------------------------------- unrolled ---
@@ -172,6 +282,8 @@ class UnrolledAdjoint(AbstractAdjoint):
   each sample gets the exact gradient of its own trajectory up to the iterate
   returned for it, and a sample that went non-finite adds nothing (no NaN in
   shared parameter gradients). Gradients flow to `args` and to `z0`.
+  Reverse mode only: `jax.jvp` raises JAX's "can't apply forward-mode
+  autodiff (jvp) to a custom_vjp function" (use `ImplicitAdjoint`).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxdeq
@@ -183,34 +295,77 @@ class UnrolledAdjoint(AbstractAdjoint):
     2.0
   """
 
-  def solve(self, f, z0, args, solver, probe, throw):
-    return _unrolled(f, solver, z0, args, probe)
+  def solve(self, fn, z0, args, solver):
+    return _unrolled(fn, solver, z0, args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _unrolled(f, solver, z0, args, probe):
-  del probe
-  sol, _ = loop.solve(f, z0, args, solver)
-  return sol
+def _unrolled(fn, solver, z0, args):
+  return _solve(fn, z0, args, solver)
 
 
-def _unrolled_fwd(f, solver, z0, args, probe):
+def _unrolled_fwd(fn, solver, z0, args):
   every = loop.checkpoint_interval(solver.max_steps)
-  sol, checkpoints = loop.solve(f, z0, args, solver, checkpoint_every=every)
-  zeros_probe = None if probe is None else jnp.zeros_like(probe)
+  sol, checkpoints = loop.solve(fn, z0, args, solver, checkpoint_every=every)
   stats = sol.stats
   return sol, (checkpoints, stats.num_steps, stats.sample_steps,
-               stats.best_step, z0, args, zeros_probe)
+               stats.best_step, z0, args)
 
 
-def _finite(tree):
-  """Non-finite floats set to zero (identity on a finite trajectory)."""
-  return jax.tree.map(
-      lambda x: jnp.where(jnp.isfinite(x), x, 0) if _is_differentiable(x)
-      else x, tree)
+class _LeafSplitter(NamedTuple):
+  """Splits a solver state's leaves into differentiable and the rest."""
+
+  treedef: Any
+  mask: tuple
+
+  @classmethod
+  def of(cls, template) -> "_LeafSplitter":
+    leaves, treedef = jax.tree.flatten(template)
+    return cls(treedef, tuple(tree.is_differentiable(x) for x in leaves))
+
+  def split(self, state):
+    leaves = jax.tree.leaves(state)
+    return ([x for x, m in zip(leaves, self.mask) if m],
+            [x for x, m in zip(leaves, self.mask) if not m])
+
+  def merge(self, diff, nondiff):
+    diff, nondiff = iter(diff), iter(nondiff)
+    return jax.tree.unflatten(self.treedef, [
+        next(diff) if m else next(nondiff) for m in self.mask])
 
 
-def _unrolled_bwd(f, solver, residuals, cotangent):
+def _replayed_step(fn, solver, rebuild, states, sample_steps, diff_args):
+  """One replayed solver step with its pullback, as a function of the carry.
+
+  The pullback is a pytree whose leaves are the step's VJP residuals, so one
+  loop can store it and a later one apply it.
+  """
+
+  def traced_step(carry, step_index):
+    z, fz, state_diff, state_nondiff = carry
+    active = base.per_sample(step_index < sample_steps, z)
+
+    def step(z, fz, state_diff, a):
+      # A sample that went non-finite gets zero cotangent; zeroing its
+      # values keeps 0 * inf out of the shared parameter gradients.
+      z, fz, state_diff = tree.finite_or_zero((z, fz, state_diff))
+      a = rebuild(a)
+      z_next, state = solver.step(fn, z, fz, a,
+                                  states.merge(state_diff, state_nondiff),
+                                  step_index)
+      fz_next = fn(z_next, a)
+      new_diff, new_nondiff = states.split(state)
+      return ((jnp.where(active, z_next, z), jnp.where(active, fz_next, fz),
+               new_diff), new_nondiff)
+
+    (z, fz, state_diff), pullback, state_nondiff = jax.vjp(
+        step, z, fz, state_diff, diff_args, has_aux=True)
+    return (z, fz, state_diff, state_nondiff), pullback
+
+  return traced_step
+
+
+def _unrolled_bwd(fn, solver, residuals, cotangent):
   """Reverse sweep through the solver's steps, segment by segment.
 
   Only the iterate's own update is differentiated: z <- step(z, f(z)) with
@@ -220,63 +375,53 @@ def _unrolled_bwd(f, solver, residuals, cotangent):
   sample_steps[b] steps, so its cotangent enters after step best_step[b] and
   flows back through the steps before it.
   """
-  (checkpoints, num_steps, sample_steps, best_step, z0, args,
-   zeros_probe) = residuals
+  checkpoints, num_steps, sample_steps, best_step, z0, args = residuals
   every = loop.checkpoint_interval(solver.max_steps)
-  diff_args, rebuild = _split_differentiable(args)
-  state_template = jax.tree.map(lambda c: c[0], checkpoints.solver_state)
-  state_leaves, state_treedef = jax.tree.flatten(state_template)
-  state_mask = [_is_differentiable(x) for x in state_leaves]
+  diff_args, rebuild = tree.split_differentiable(args)
+  states = _LeafSplitter.of(
+      jax.tree.map(lambda c: c[0], checkpoints.solver_state))
+  traced_step = _replayed_step(fn, solver, rebuild, states, sample_steps,
+                               diff_args)
 
-  def split_state(state):
-    leaves = jax.tree.leaves(state)
-    return ([x for x, m in zip(leaves, state_mask) if m],
-            [x for x, m in zip(leaves, state_mask) if not m])
+  def checkpoint(segment):
+    it = jax.tree.map(lambda c: c[segment], checkpoints)
+    return (it.z, it.fz) + tuple(states.split(it.solver_state))
 
-  def merge_state(diff, nondiff):
-    diff, nondiff = iter(diff), iter(nondiff)
-    return jax.tree.unflatten(state_treedef, [
-        next(diff) if m else next(nondiff) for m in state_mask])
+  def inject(cot_z, after_step):
+    """Adds the output cotangent of the samples returned after this step."""
+    hit = base.per_sample(best_step == after_step, cot_z)
+    return cot_z + jnp.where(hit, cotangent.value, 0)
 
-  def traced_step(carry, step_index):
-    """One replayed step and its pullback (a pytree whose leaves are the
-    residuals, so one loop can store them and a later one apply them)."""
-    z, fz, state_diff, state_nondiff = carry
-    active = step_index < sample_steps
+  cot, cot_args = _reverse_segments(traced_step, checkpoint, inject, every,
+                                    num_steps, z0, diff_args)
+  cot_z, cot_fz, cot_state = cot
+  cot_z = inject(cot_z, 0)
 
-    def step(z, fz, state_diff, a):
-      # A sample that went non-finite gets zero cotangent; zeroing its
-      # values keeps 0 * inf out of the shared parameter gradients.
-      z, fz, state_diff = _finite((z, fz, state_diff))
-      a = rebuild(a)
-      z_next, state = solver.step(f, z, fz, a,
-                                  merge_state(state_diff, state_nondiff),
-                                  step_index)
-      fz_next = f(z_next, a)
-      frozen = base.per_sample(active, z)
-      new_diff, new_nondiff = split_state(state)
-      return ((jnp.where(frozen, z_next, z), jnp.where(frozen, fz_next, fz),
-               new_diff), new_nondiff)
+  # Through the initial evaluation f(z0) and solver.init to z0 and args.
+  def start(z0, a):
+    it = loop.init_iterate(fn, solver, z0, rebuild(a))
+    return it.z, it.fz, states.split(it.solver_state)[0]
 
-    (z, fz, state_diff), pullback, state_nondiff = jax.vjp(
-        step, z, fz, state_diff, diff_args, has_aux=True)
-    return (z, fz, state_diff, state_nondiff), pullback
+  _, vjp_init = jax.vjp(start, z0, diff_args)
+  cot_z0, cot_init_args = vjp_init((cot_z, cot_fz, cot_state))
+  cot_args = jax.tree.map(jnp.add, cot_args, cot_init_args)
+  return cot_z0, tree.fill_nondifferentiable(args, cot_args)
 
-  def checkpoint(seg):
-    it = jax.tree.map(lambda c: c[seg], checkpoints)
-    return (it.z, it.fz) + tuple(split_state(it.solver_state))
 
+def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
+                      diff_args):
+  """The reverse sweep over all segments, last first.
+
+  Each segment replays its steps from its checkpoint into a buffer of VJP
+  residuals, then applies the stored pullbacks in reverse. Returns the
+  cotangent of the carry before step 0 and the accumulated cotangent of the
+  differentiable args.
+  """
   residual_shapes = jax.eval_shape(
       lambda: jax.tree.leaves(traced_step(checkpoint(0),
                                           jnp.zeros((), jnp.int32))[1]))
-  residual_buffer = [jnp.zeros((every,) + r.shape, r.dtype)
-                     for r in residual_shapes]
+  buffer = [jnp.zeros((every,) + r.shape, r.dtype) for r in residual_shapes]
   pullback_treedef = []
-  cot_best = cotangent.value
-
-  def inject(cot_z, after_step):
-    hit = base.per_sample(best_step == after_step, cot_z)
-    return cot_z + jnp.where(hit, cot_best, 0)
 
   def segment(carry):
     # The residual buffer travels in the carry: every slot a segment reads
@@ -318,20 +463,10 @@ def _unrolled_bwd(f, solver, residuals, cotangent):
          [jnp.zeros_like(x) for x in first[2]])
   cot_args = jax.tree.map(jnp.zeros_like, diff_args)
   num_segments = -(-num_steps // every)
-  _, _, (cot_z, cot_fz, cot_state), cot_args = jax.lax.while_loop(
+  _, _, cot, cot_args = jax.lax.while_loop(
       lambda c: c[0] >= 0, segment,
-      (num_segments - 1, residual_buffer, cot, cot_args))
-  cot_z = inject(cot_z, 0)
-
-  # Through the initial evaluation f(z0) and solver.init to z0 and args.
-  def start(z0, a):
-    it = loop.init_iterate(f, solver, z0, rebuild(a))
-    return it.z, it.fz, split_state(it.solver_state)[0]
-
-  _, vjp_init = jax.vjp(start, z0, diff_args)
-  cot_z0, cot_init_args = vjp_init((cot_z, cot_fz, cot_state))
-  cot_args = jax.tree.map(jnp.add, cot_args, cot_init_args)
-  return cot_z0, _fill_nondifferentiable(args, cot_args), zeros_probe
+      (num_segments - 1, buffer, cot, cot_args))
+  return cot, cot_args
 
 
 _unrolled.defvjp(_unrolled_fwd, _unrolled_bwd)
@@ -344,10 +479,12 @@ _unrolled.defvjp(_unrolled_fwd, _unrolled_bwd)
 class PhantomAdjoint(AbstractAdjoint):
   """Phantom gradient: backprop through `steps` damped steps from z*.
 
-  The forward solve runs without autodiff; the returned value is z* itself,
-  while its gradient is that of k steps z <- (1 - damping) z + damping f(z)
-  started at z* (Geng et al., 2021). Cheap and approximate: close to the
-  implicit gradient on contractive maps.
+  The value is z* exactly; its gradient is that of k steps
+  z <- (1 - damping) z + damping f(z) started at z* (Geng et al., 2021,
+  "On training implicit models"). The steps run only in the backward pass
+  (none at inference). Cheap and approximate: close to the implicit gradient
+  on contractive maps. A sample whose phantom steps overflow contributes
+  zero gradient instead of NaN. Reverse mode only.
 
   Attributes:
     steps: number of differentiated steps (>= 1).
@@ -374,46 +511,35 @@ class PhantomAdjoint(AbstractAdjoint):
       raise ValueError(
           f"PhantomAdjoint: damping must be in (0, 1], got {self.damping}")
 
-  def solve(self, f, z0, args, solver, probe, throw):
-    sol, _ = loop.solve(f, jax.lax.stop_gradient(z0),
-                        jax.lax.stop_gradient(args), solver)
-    z_star = jax.lax.stop_gradient(sol.value)
+  def solve(self, fn, z0, args, solver):
+    return _phantom(fn, solver, self, z0, args)
 
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _phantom(fn, solver, adjoint, z0, args):
+  del adjoint
+  return _solve(fn, z0, args, solver)
+
+
+def _phantom_fwd(fn, solver, adjoint, z0, args):
+  sol = _solve(fn, z0, args, solver)
+  return sol, (sol.value, args, jnp.zeros_like(z0))
+
+
+def _phantom_bwd(fn, solver, adjoint, residuals, cotangent):
+  z_star, args, zeros_z0 = residuals
+  diff_args, rebuild = tree.split_differentiable(args)
+
+  def phantom_steps(a):
     def damped_step(_, z):
-      return z + self.damping * (f(z, args) - z)
+      z = tree.finite_or_zero(z)
+      return z + adjoint.damping * (fn(z, rebuild(a)) - z)
+    return jax.lax.fori_loop(0, adjoint.steps, damped_step, z_star)
 
-    z = jax.lax.fori_loop(0, self.steps, damped_step, z_star)
-    # The value stays z* exactly; the gradient is that of the phantom steps.
-    return sol._replace(value=z_star + (z - jax.lax.stop_gradient(z)))
-
-
-# ------------------------------------------------------------------ pytrees ---
-
-
-def _is_differentiable(x) -> bool:
-  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  z, vjp = jax.vjp(phantom_steps, diff_args)
+  finite = base.per_sample(jnp.all(jnp.isfinite(z), axis=1), z)
+  (cot_args,) = vjp(jnp.where(finite, cotangent.value, 0))
+  return zeros_z0, tree.fill_nondifferentiable(args, cot_args)
 
 
-def _split_differentiable(tree):
-  """Floating leaves of `tree` and a function that puts them back."""
-  leaves, treedef = jax.tree.flatten(tree)
-  mask = [_is_differentiable(x) for x in leaves]
-  diff = [x for x, m in zip(leaves, mask) if m]
-
-  def rebuild(new_diff):
-    it = iter(new_diff)
-    return jax.tree.unflatten(
-        treedef, [next(it) if m else x for x, m in zip(leaves, mask)])
-
-  return diff, rebuild
-
-
-def _fill_nondifferentiable(tree, diff_cotangents):
-  """A cotangent for `tree`: the given floats, float0 zeros elsewhere."""
-  leaves, treedef = jax.tree.flatten(tree)
-  it = iter(diff_cotangents)
-  out = [
-      next(it) if _is_differentiable(x) else np.zeros(
-          np.shape(x), jax.dtypes.float0) for x in leaves
-  ]
-  return jax.tree.unflatten(treedef, out)
+_phantom.defvjp(_phantom_fwd, _phantom_bwd)

@@ -2,69 +2,126 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdeq._src import adjoint as adjoint_lib
+from jaxdeq._src import loop
 from jaxdeq._src import solution as solution_lib
+from jaxdeq._src import tree
 from jaxdeq._src.solvers import anderson
 from jaxdeq._src.solvers import base
 
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
 
 def fixed_point(
-    f: Callable[[jax.Array, Any], jax.Array],
-    z0: jax.Array,
+    f: Callable[[Any, Any], Any],
+    z0: Any,
     args: Any = None,
     *,
     solver: Optional[base.FixedPointSolver] = None,
     adjoint: Optional[adjoint_lib.AbstractAdjoint] = None,
+    has_aux: bool = False,
     throw: bool = False,
     batched: bool = True,
     backward_probe: Optional[jax.Array] = None,
 ) -> solution_lib.Solution:
-  """Finds z* = f(z*, args), differentiable with respect to `args`.
+  """Finds z* = f(z*, args), differentiable in `args` and closed-over arrays.
 
-  The solve runs outside autodiff; `adjoint` says how gradients are formed.
-  `f` must get every array it depends on through `args` (any pytree): arrays
-  it closes over are treated as constants by the adjoints.
+  The solve runs outside autodiff; `adjoint` says how derivatives are
+  formed. Arrays `f` closes over are differentiated exactly as `args` are
+  (`f` is closure-converted, as `jax.closure_convert` does), so
+  `lambda z, _: cell(z, x)` is as good as passing `x` in `args`.
+
+  `fixed_point` jits itself: repeated calls with the same `f` object, solver,
+  adjoint and input shapes reuse one compilation. Arrays in `args` are traced;
+  other leaves (Python numbers, strings) are static and must be hashable.
 
   Args:
-    f: the map `f(z, args) -> z_next`, same shape and dtype as `z`. With
-      `batched=True` samples along the leading axis must be independent.
-    z0: initial iterate, a floating array; its leading axis is the batch.
-    args: the map's differentiable arguments (parameters, injected input).
+    f: the map `f(z, args) -> z_next` (or `(z_next, aux)` with `has_aux`),
+      `z_next` with the structure, shapes and dtypes of `z`. With
+      `batched=True` samples along every leaf's leading axis must be
+      independent. A map object may offer `residual_jacobian(z, args)`, the
+      (batch, d, d) Jacobian of g(z) = z - f(z, args) over each sample's
+      raveled state, which `Newton` uses.
+    z0: initial state, any pytree of floating arrays; with `batched=True`
+      every leaf's leading axis is the batch.
+    args: the map's arguments (any pytree).
     solver: a jaxdeq solver; default `Anderson()`.
     adjoint: `ImplicitAdjoint()` (default), `UnrolledAdjoint()` or
       `PhantomAdjoint()`.
-    throw: raise `FixedPointError` if the forward (or, for the implicit
-      adjoint, the backward) solve fails; under `jit` the error is raised
-      when the computation runs.
+    has_aux: `f` returns `(z_next, aux)`; `Solution.aux` is the aux at the
+      returned value.
+    throw: raise `FixedPointError` if the forward solve fails (see
+      `catch_failures` under `jax.jit`).
     batched: treat `z0` as one sample when False (stats then have no batch
       axis).
-    backward_probe: optional `backward_probe()`; the gradient with respect to
-      it carries the implicit backward's `BackwardStats`.
+    backward_probe: optional `backward_probe()` (implicit adjoint only); the
+      gradient with respect to it carries the backward's `BackwardStats`.
 
   Returns:
-    A `Solution`: `value` (the best iterate found) and `stats`.
+    A `Solution`: `value` (the best iterate found), `stats` and `aux`.
 
   Raises:
-    TypeError: `z0` is not floating, or a bad solver / adjoint is given.
-    ValueError: `f(z0, args)` differs from `z0` in shape or dtype, or a
-      batched `z0` is a scalar.
+    TypeError: a bad solver, adjoint, flag or non-floating state.
+    ValueError: `f(z0, args)` differs from `z0` in structure, shape or dtype;
+      leaves disagree on the batch size; `tol` is below what a half-precision
+      state can resolve.
     FixedPointError: with `throw=True`, on failure.
 
   Example:
-    >>> import jax.numpy as jnp, jaxdeq
+    >>> import jax, jax.numpy as jnp, jaxdeq
     >>> sol = jaxdeq.fixed_point(lambda z, a: jnp.cos(z), jnp.zeros(()), None,
     ...                          solver=jaxdeq.Anderson(tol=1e-6),
     ...                          batched=False)
     >>> round(float(sol.value), 4), bool(sol.stats.converged)
     (0.7391, True)
+
+    A pytree state, a closed-over parameter and forward mode:
+
+    >>> w = jnp.array(0.5)
+    >>> def state(w):
+    ...   f = lambda z, x: {"a": w * jnp.tanh(z["b"]) + x, "b": w * z["a"]}
+    ...   z0 = {"a": jnp.zeros((2, 3)), "b": jnp.zeros((2, 3))}
+    ...   return jaxdeq.fixed_point(f, z0, jnp.ones((2, 3))).value["b"]
+    >>> dz_dw = jax.jvp(state, (w,), (1.0,))[1]
+    >>> bool(jnp.allclose(dz_dw, jax.grad(lambda w: state(w)[0, 0])(w),
+    ...                   rtol=1e-3))
+    True
   """
   solver = anderson.Anderson() if solver is None else solver
   adjoint = adjoint_lib.ImplicitAdjoint() if adjoint is None else adjoint
+  _check_options(f, solver, adjoint, has_aux, throw, batched, backward_probe)
+  z0 = _as_state(z0)
+  if backward_probe is not None:
+    backward_probe = jnp.asarray(backward_probe)
+
+  dynamic, static, treedef = _partition_args(args)
+  key = (f, solver, adjoint, has_aux, batched, treedef, tuple(static))
+  try:
+    hash(key)
+  except TypeError:  # unhashable static parts: run without the jit cache
+    run = functools.partial(_solve_entry, f, solver, adjoint, has_aux,
+                            batched, treedef, tuple(static))
+  else:
+    run = functools.partial(_jitted_entry, f, solver, adjoint, has_aux,
+                            batched, treedef, tuple(static))
+  sol = run(z0, dynamic, backward_probe)
+  if throw:
+    solution_lib.raise_if_failed(sol.stats.status, sol.stats.residual,
+                                 solver.tol, "forward")
+  return sol
+
+
+def _check_options(f, solver, adjoint, has_aux, throw, batched,
+                   backward_probe) -> None:
   if not isinstance(solver, base.FixedPointSolver):
     raise TypeError(
         "fixed_point: solver must be a jaxdeq solver (FixedPointIteration,"
@@ -75,49 +132,200 @@ def fixed_point(
         f" PhantomAdjoint(), got {adjoint!r}")
   if not callable(f):
     raise TypeError(f"fixed_point: f must be callable, got {f!r}")
-  z0 = jnp.asarray(z0)
-  if not jnp.issubdtype(z0.dtype, jnp.inexact):
-    raise TypeError(
-        f"fixed_point: z0 must be a floating array, got dtype {z0.dtype};"
-        " cast it, e.g. z0.astype(jnp.float32)")
-  if batched and z0.ndim == 0:
-    raise ValueError(
-        "fixed_point: z0 is a scalar but batched=True expects a leading batch"
-        " axis; pass batched=False for a single unbatched state")
-  if backward_probe is not None and jnp.shape(backward_probe) != (3,):
-    raise ValueError(
-        "fixed_point: backward_probe must be jaxdeq.backward_probe(), shape"
-        f" (3,), got shape {jnp.shape(backward_probe)}")
+  for name, value in (("has_aux", has_aux), ("throw", throw),
+                      ("batched", batched)):
+    if not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"fixed_point: {name} must be a bool, got {value!r}")
+  if backward_probe is not None:
+    if not hasattr(adjoint, "solve_with_probe"):
+      raise ValueError(
+          f"fixed_point: backward_probe needs an adjoint with a backward solve"
+          f" (ImplicitAdjoint), got {type(adjoint).__name__}")
+    if jnp.shape(backward_probe) != (3,):
+      raise ValueError(
+          "fixed_point: backward_probe must be jaxdeq.backward_probe(), shape"
+          f" (3,), got shape {jnp.shape(backward_probe)}")
 
+
+def _as_state(z0: Any) -> Any:
+  """z0's leaves as arrays; each must be floating (never the whole tree)."""
+  leaves, treedef = jax.tree.flatten(z0)
+  if not leaves:
+    raise ValueError("fixed_point: z0 has no arrays (an empty pytree)")
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(z0)[0]:
+    leaf = jnp.asarray(leaf)
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(
+          f"fixed_point: z0{jax.tree_util.keystr(path)} must be a floating"
+          f" array, got dtype {leaf.dtype}; cast it, e.g."
+          " z0.astype(jnp.float32)")
+    out.append(leaf)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _is_traced_leaf(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _partition_args(args: Any):
+  """Array leaves (traced by the jit) and the other leaves (static)."""
+  leaves, treedef = jax.tree.flatten(args)
+  dynamic = [x for x in leaves if _is_traced_leaf(x)]
+  static = [None if _is_traced_leaf(x) else x for x in leaves]
+  return dynamic, static, treedef
+
+
+def _merge_args(dynamic, static, treedef):
+  # None marks a traced slot: None is never a leaf of a flattened pytree.
+  it = iter(dynamic)
+  return jax.tree.unflatten(
+      treedef, [next(it) if s is None else s for s in static])
+
+
+def _solve_entry(f, solver, adjoint, has_aux, batched, treedef, static, z0,
+                 dynamic, probe):
+  args = _merge_args(dynamic, list(static), treedef)
+  return _solve(f, z0, args, solver, adjoint, has_aux, batched, probe)
+
+
+_jitted_entry = jax.jit(_solve_entry, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+
+
+def _solve(f, z0, args, solver, adjoint, has_aux, batched, probe):
+  """The traced body of `fixed_point`: checks, ravel, closure-convert, solve."""
   if not batched:
-    inner = f
-    f = lambda z, a: inner(z[0], a)[None]
-    z0 = z0[None]
+    z0 = jax.tree.map(lambda x: x[None], z0)
+    f = _batched_map(f, has_aux)
+  batch = _check_batch(z0, batched)
+  _check_output(f, z0, args, has_aux, batched)
+  _check_tolerance(solver, z0)
 
-  out = jax.eval_shape(f, z0, args)
-  if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != z0.shape:
-    got = (out.shape[int(not batched):] if isinstance(out, jax.ShapeDtypeStruct)
-           else type(out).__name__)
-    raise ValueError(
-        "fixed_point: f(z, args) must return an array shaped like z; z has"
-        f" shape {z0.shape[int(not batched):]}, f(z, args) returned {got}")
-  if out.dtype != z0.dtype:
-    raise ValueError(
-        f"fixed_point: f(z, args) returned dtype {out.dtype} for z of dtype"
-        f" {z0.dtype}; make f keep the state's dtype (check the dtypes of"
-        " args)")
+  jacobian = getattr(solver, "jacobian", None) or getattr(
+      f, "residual_jacobian", None)
+  if jacobian is not None and not batched:
+    jacobian = _batched_jacobian(jacobian)
+  f_converted, f_consts = jax.closure_convert(f, z0, args)
+  jac_converted, jac_consts = None, []
+  if jacobian is not None:
+    jac_converted, jac_consts = jax.closure_convert(jacobian, z0, args)
+  raveller = tree.Raveller.of(z0)
 
-  sol = adjoint.solve(f, z0, args, solver, backward_probe, throw)
-  if throw:
-    solution_lib.raise_if_failed(sol.stats.status, sol.stats.residual,
-                                 solver.tol, "forward")
+  def flat_map(z, all_args):
+    a, fc, _ = all_args
+    out = f_converted(raveller.unravel(z), a, *fc)
+    return raveller.ravel(out[0] if has_aux else out)
+
+  def flat_jacobian(z, all_args):
+    a, _, jc = all_args
+    return jac_converted(raveller.unravel(z), a, *jc).astype(raveller.dtype)
+
+  problem = base.Map(flat_map, None if jacobian is None else flat_jacobian)
+  if jacobian is not None and getattr(solver, "jacobian", None) is not None:
+    solver = dataclasses.replace(solver, jacobian=None)
+  all_args = (args, list(f_consts), list(jac_consts))
+  flat_z0 = raveller.ravel(z0)
+
+  if batch == 0:
+    sol = loop.empty_solution(flat_z0, solver)
+  elif probe is not None:
+    sol = adjoint.solve_with_probe(problem, flat_z0, all_args, solver, probe)
+  else:
+    sol = adjoint.solve(problem, flat_z0, all_args, solver)
+  value = raveller.unravel(sol.value)
+  aux = f_converted(value, args, *f_consts)[1] if has_aux else None
   if not batched:
+    value = jax.tree.map(lambda x: x[0], value)
     stats = sol.stats
-    sol = solution_lib.Solution(
-        sol.value[0],
-        stats._replace(residual=stats.residual[0],
-                       converged=stats.converged[0],
-                       trace=stats.trace[:, 0],
-                       sample_steps=stats.sample_steps[0],
-                       best_step=stats.best_step[0]))
-  return sol
+    stats = stats._replace(
+        residual=stats.residual[0], converged=stats.converged[0],
+        trace=stats.trace[:, 0], sample_steps=stats.sample_steps[0],
+        best_step=stats.best_step[0])
+    return solution_lib.Solution(value, stats, aux)
+  return solution_lib.Solution(value, sol.stats, aux)
+
+
+def _batched_map(f, has_aux):
+  """The single-sample map as a map on a batch of one."""
+
+  def batched(z, args):
+    out = f(jax.tree.map(lambda x: x[0], z), args)
+    if has_aux:
+      if not (isinstance(out, tuple) and len(out) == 2):
+        return out  # _check_output names the problem
+      return jax.tree.map(lambda x: jnp.asarray(x)[None], out[0]), out[1]
+    return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
+
+  return batched
+
+
+def _batched_jacobian(jacobian):
+  def batched(z, args):
+    return jacobian(jax.tree.map(lambda x: x[0], z), args)[None]
+  return batched
+
+
+def _check_batch(z0, batched) -> int:
+  leaves = jax.tree_util.tree_flatten_with_path(z0)[0]
+  for path, leaf in leaves:
+    if leaf.ndim == 0:
+      raise ValueError(
+          f"fixed_point: z0{jax.tree_util.keystr(path)} is a scalar but"
+          " batched=True expects a leading batch axis on every leaf; pass"
+          " batched=False for a single unbatched state")
+  sizes = {int(leaf.shape[0]) for _, leaf in leaves}
+  if len(sizes) > 1:
+    shapes = ", ".join(f"z0{jax.tree_util.keystr(p)}: {x.shape}"
+                       for p, x in leaves)
+    raise ValueError(
+        "fixed_point: every leaf of a batched z0 needs the same leading"
+        f" (batch) axis, got {shapes}")
+  del batched
+  return sizes.pop()
+
+
+def _check_output(f, z0, args, has_aux, batched) -> None:
+  skip = 0 if batched else 1
+  out = jax.eval_shape(f, z0, args)
+  if has_aux:
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise ValueError(
+          "fixed_point: with has_aux=True, f(z, args) must return a pair"
+          f" (z_next, aux), got {type(out).__name__}")
+    out = out[0]
+  want = jax.tree.structure(z0)
+  got = jax.tree.structure(out)
+  if want != got:
+    raise ValueError(
+        "fixed_point: f(z, args) must return a state with z's structure;"
+        f" z is {want}, f(z, args) returned {got}")
+  for (path, z), o in zip(jax.tree_util.tree_flatten_with_path(z0)[0],
+                          jax.tree.leaves(out)):
+    name = f"z{jax.tree_util.keystr(path)}"
+    if o.shape != z.shape:
+      raise ValueError(
+          "fixed_point: f(z, args) must return arrays shaped like z;"
+          f" {name} has shape {z.shape[skip:]}, f(z, args) returned"
+          f" {o.shape[skip:]}")
+    if o.dtype != z.dtype:
+      raise ValueError(
+          f"fixed_point: f(z, args) returned dtype {o.dtype} for {name} of"
+          f" dtype {z.dtype}; make f keep the state's dtype (check the dtypes"
+          " of args)")
+
+
+def _check_tolerance(solver, z0) -> None:
+  """A tolerance the state's dtype cannot resolve never converges."""
+  dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(z0)}
+  eps = max(float(jnp.finfo(d).eps) for d in dtypes)
+  coarsest = max(dtypes, key=lambda d: float(jnp.finfo(d).eps))
+  if solver.tol >= eps:
+    return
+  message = (
+      f"fixed_point: tol={solver.tol:g} is below the resolution of the"
+      f" {coarsest} state (eps {eps:.3g}); the residual cannot get there."
+      f" Use tol >= {eps:.3g}, or a wider dtype")
+  if coarsest in _HALF:
+    raise ValueError(message)
+  if solver.relative:
+    warnings.warn(message, stacklevel=4)

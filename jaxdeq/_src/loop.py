@@ -44,16 +44,40 @@ class Iterate(NamedTuple):
   best_step: jax.Array
 
 
+MAX_TRACE_STEPS = 1024
+
+
+def trace_length(max_steps: int) -> int:
+  """Rows of the residual trace: the first steps, at most MAX_TRACE_STEPS."""
+  return min(max_steps, MAX_TRACE_STEPS)
+
+
+def scaled_norm(x: jax.Array) -> jax.Array:
+  """Per-sample 2-norm of a (batch, d) array that cannot overflow.
+
+  ||x|| = s ||x / s|| with s = max |x|: the sum of squares of float32 values
+  above ~1e19 overflows to inf, and inf in a denominator would turn a
+  diverging sample's relative residual into 0 ("converged"). A non-finite
+  entry gives NaN.
+  """
+  scale = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+  safe = jnp.where(scale > 0, scale, 1)
+  return scale[:, 0] * jnp.sqrt(jnp.sum(jnp.square(x / safe), axis=1))
+
+
 def residual(z: jax.Array, fz: jax.Array,
              solver: base.FixedPointSolver) -> jax.Array:
-  """Per-sample residual ||f(z) - z|| (relative to ||f(z)|| by default)."""
+  """Per-sample residual ||f(z) - z|| (relative to ||f(z)|| by default).
+
+  NaN marks a sample whose iterate or image is not finite, or whose
+  difference overflows: it is done, and failed.
+  """
   z, fz = jax.lax.stop_gradient((z, fz))
-  batch = z.shape[0]
-  error = jnp.linalg.norm((fz - z).reshape(batch, -1), axis=1)
+  error = scaled_norm(fz - z)
   if solver.relative:
-    error = error / (jnp.linalg.norm(fz.reshape(batch, -1), axis=1)
-                     + solver.eps)
-  return error
+    error = error / (scaled_norm(fz) + jnp.asarray(solver.eps, error.dtype))
+  finite = jnp.all(jnp.isfinite(z) & jnp.isfinite(fz), axis=1)
+  return jnp.where(finite & jnp.isfinite(error), error, jnp.nan)
 
 
 def _is_done(res: jax.Array, tol: float) -> jax.Array:
@@ -132,8 +156,9 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
   """Runs `solver` on `f` from `z0` until every sample is done or max_steps.
 
   Args:
-    f: the map (batch, ...) -> (batch, ...).
-    z0: (batch, ...) initial iterate.
+    f: the map (batch, d) -> (batch, d) (a `Map`: it may offer
+      `residual_jacobian`).
+    z0: (batch, d) initial iterate.
     args: the map's arguments.
     solver: a `FixedPointSolver`.
     checkpoint_every: if set, the iterate before every step whose index is a
@@ -145,7 +170,8 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
   """
   max_steps = solver.max_steps
   it0 = init_iterate(f, solver, z0, args)
-  trace = jnp.full((max_steps, z0.shape[0]), jnp.nan, it0.residual.dtype)
+  rows = trace_length(max_steps)
+  trace = jnp.full((rows, z0.shape[0]), jnp.nan, it0.residual.dtype)
   checkpoints = None
   if checkpoint_every is not None:
     checkpoints = _allocate_checkpoints(
@@ -162,7 +188,13 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
           lambda b: _store(b, it, step // checkpoint_every),
           lambda b: b, checkpoints)
     it = advance(f, solver, args, it, step)
-    trace = jax.lax.dynamic_update_index_in_dim(trace, it.residual, step, 0)
+    if rows == max_steps:
+      trace = jax.lax.dynamic_update_index_in_dim(trace, it.residual, step, 0)
+    else:  # past the trace's rows nothing is written
+      row = jnp.minimum(step, rows - 1)
+      kept = jax.lax.dynamic_index_in_dim(trace, row, 0, keepdims=False)
+      trace = jax.lax.dynamic_update_index_in_dim(
+          trace, jnp.where(step < rows, it.residual, kept), row, 0)
     return _Carry(step + 1, it, trace, checkpoints)
 
   final = jax.lax.while_loop(
@@ -179,3 +211,20 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
       best_step=it.best_step,
   )
   return solution_lib.Solution(it.best_z, stats), final.checkpoints
+
+
+def empty_solution(z0: jax.Array,
+                   solver: base.FixedPointSolver) -> solution_lib.Solution:
+  """The `Solution` of a batch of zero samples: nothing to solve."""
+  dtype = z0.dtype
+  no_samples = jnp.zeros((0,), jnp.int32)
+  stats = solution_lib.SolverStats(
+      num_steps=jnp.zeros((), jnp.int32),
+      residual=jnp.zeros((0,), dtype),
+      converged=jnp.zeros((0,), bool),
+      trace=jnp.zeros((trace_length(solver.max_steps), 0), dtype),
+      status=jnp.asarray(solution_lib.Status.SUCCESSFUL, jnp.int32),
+      sample_steps=no_samples,
+      best_step=no_samples,
+  )
+  return solution_lib.Solution(z0, stats)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,9 @@ class SolverStats(NamedTuple):
     num_steps: () int32, solver steps taken by the loop (the slowest sample).
     residual: (batch,) residual of the returned value of each sample.
     converged: (batch,) bool, whether each sample met the tolerance.
-    trace: (max_steps, batch) residual after each step, NaN past the last one.
+    trace: (min(max_steps, 1024), batch) residual after each of the first
+      steps, NaN past the last one (steps beyond 1024 are not traced, so a
+      huge `max_steps` costs no memory).
     status: () int32, a `Status` code: the worst over the batch.
     sample_steps: (batch,) int32, steps each sample took before it was frozen.
     best_step: (batch,) int32, the step after which the returned value was
@@ -68,16 +71,25 @@ class Solution(NamedTuple):
   """What `jaxdeq.fixed_point` returns.
 
   Attributes:
-    value: the fixed point z*, same shape and dtype as `z0`.
+    value: the fixed point z*, same structure, shapes and dtypes as `z0`.
     stats: a `SolverStats` of the forward solve.
+    aux: with `has_aux=True`, f's auxiliary output at `value`; else None.
   """
 
   value: Any
   stats: SolverStats
+  aux: Any = None
 
 
 class FixedPointError(RuntimeError):
-  """Raised by `fixed_point(..., throw=True)` when a solve fails."""
+  """Raised by `fixed_point(..., throw=True)` when a solve fails.
+
+  Called outside `jax.jit`, `fixed_point` raises it directly. Inside a
+  jitted function the failure is found when the computation runs and JAX
+  raises `jax.errors.JaxRuntimeError` around it; `jaxdeq.catch_failures`
+  turns that back into a `FixedPointError` whose message starts with the
+  failure.
+  """
 
 
 def failure_message(status: int, residual: Any, tol: float, where: str) -> str:
@@ -110,12 +122,57 @@ def raise_if_failed(status: jax.Array, residual: jax.Array, tol: float,
 
   def check(status, residual):
     if int(status) != Status.SUCCESSFUL:
-      raise FixedPointError(failure_message(status, residual, tol, where))
+      message = failure_message(status, residual, tol, where)
+      _last_failure.append(message)
+      del _last_failure[:-1]
+      raise FixedPointError(message)
 
   if isinstance(status, jax.core.Tracer):
     jax.debug.callback(check, status, residual)
   else:
     check(status, residual)
+
+
+# The message of the last failure a host callback raised: JAX wraps the
+# callback's exception in a JaxRuntimeError; `catch_failures` reads it back.
+_last_failure: list[str] = []
+
+
+def catch_failures(fn: Callable) -> Callable:
+  """Wraps `fn` so that a jitted `throw=True` failure raises FixedPointError.
+
+  Under `jax.jit` a failed solve with `throw=True` stops the computation
+  from a host callback, and JAX reports it as `jax.errors.JaxRuntimeError`
+  with jaxdeq's message deep inside. The wrapped function waits for its
+  result and re-raises such an error as `FixedPointError` with the message
+  first. Other errors pass unchanged.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxdeq
+    >>> @jaxdeq.catch_failures
+    ... @jax.jit
+    ... def solve(x):
+    ...   return jaxdeq.fixed_point(lambda z, x: 2 * z + x, jnp.ones((1, 2)), x,
+    ...                             solver=jaxdeq.FixedPointIteration(
+    ...                                 max_steps=5), throw=True).value
+    >>> try:
+    ...   solve(jnp.ones((1, 2)))
+    ... except jaxdeq.FixedPointError as error:
+    ...   print(str(error)[:34])
+    jaxdeq: the forward solve failed: 
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    del _last_failure[:]
+    try:
+      return jax.block_until_ready(fn(*args, **kwargs))
+    except jax.errors.JaxRuntimeError as error:
+      if _last_failure and _last_failure[-1] in str(error):
+        raise FixedPointError(_last_failure[-1]) from None
+      raise
+
+  return wrapped
 
 
 def batch_status(converged: jax.Array, nonfinite: jax.Array) -> jax.Array:

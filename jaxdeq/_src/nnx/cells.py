@@ -16,7 +16,8 @@ class TanhCell(nnx.Module):
   """z -> tanh(z W + x), W without bias: the tutorial's tanh layer.
 
   W is initialised as PyTorch's `nn.Linear` is, U(+-1/sqrt(features)). The
-  cell has the closed-form Jacobian of g(z) = z - f(z) that `Newton` uses.
+  cell offers `residual_jacobian`, the closed-form Jacobian of
+  g(z) = z - f(z) that `Newton` uses.
 
   Args:
     features: width of z and x.
@@ -45,7 +46,7 @@ class TanhCell(nnx.Module):
   def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.tanh(z @ self.kernel[...].astype(z.dtype) + x)
 
-  def jacobian(self, z: jax.Array, x: jax.Array) -> jax.Array:
+  def residual_jacobian(self, z: jax.Array, x: jax.Array) -> jax.Array:
     """Jacobian of g(z) = z - f(z, x): I - diag(sech^2(zW + x)) W^T.
 
     Returns:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+from flax import errors as flax_errors
 from flax import nnx
 
 from jaxdeq._src import adjoint as adjoint_lib
@@ -14,7 +15,6 @@ from jaxdeq._src import fixed_point as fixed_point_lib
 from jaxdeq._src import solution as solution_lib
 from jaxdeq._src.solvers import anderson
 from jaxdeq._src.solvers import base
-from jaxdeq._src.solvers import newton
 
 
 class DEQStats(NamedTuple):
@@ -77,17 +77,22 @@ class DEQ(nnx.Module):
   The cell's parameters travel to the solver as differentiable `args`, so the
   chosen adjoint differentiates them and `x`. Solver statistics of the last
   call are kept as values in `deq.stats` (a `SolverStatsVariable` holding
-  `DEQStats`); `deq.solve(x)` returns the full per-sample `Solution`. With
-  `Newton()` (dense linear solver) and a cell that has a `jacobian(z, x)`
-  method (`TanhCell`), the closed form is used unless the solver brings its
-  own; `Newton(linear_solver="gmres")` needs no Jacobian.
+  `DEQStats`) wherever the layer's variables may be written (not under a
+  plain `jax.vmap` of a function that calls it: use `deq.solve(x)` there);
+  `deq.solve(x)` returns the full per-sample `Solution`. A cell that offers
+  `residual_jacobian(z, x)` (the Jacobian of g = z - cell(z, x), as
+  `TanhCell` does) hands it to solvers that use one (dense `Newton`).
+
+  The state may be any pytree (a tuple of feature maps for a
+  multi-resolution cell): `z_init` then returns that pytree.
 
   Args:
     cell: an NNX module called as `cell(z, x)`; it must not update its own
       state when called (no BatchNorm inside the cell).
     solver: a jaxdeq solver; default `Anderson()`.
     adjoint: a jaxdeq adjoint; default `ImplicitAdjoint()`.
-    z_init: "zeros" (z0 = 0 shaped like x) or a function x -> z0.
+    z_init: "zeros" (z0 = 0 shaped like x) or a function x -> z0 (any
+      pytree of floating arrays with the batch leading).
     throw: raise `jaxdeq.FixedPointError` when a solve fails.
     unconverged: "keep" (default) returns the best iterate of a sample that
       missed `tol`; "zero" returns zeros for it, so that it contributes no
@@ -137,7 +142,7 @@ class DEQ(nnx.Module):
     """Returns z* for input `x` and records `DEQStats` in `self.stats`."""
     return self.solve(x).value
 
-  def solve(self, x: jax.Array) -> solution_lib.Solution:
+  def solve(self, x: Any) -> solution_lib.Solution:
     """Like calling the layer, but returns the whole `jaxdeq.Solution`.
 
     Example:
@@ -149,27 +154,56 @@ class DEQ(nnx.Module):
       (4,)
     """
     graphdef, cell_state = nnx.split(self.cell)
-
-    def f(z, args):
-      state, x = args
-      return nnx.merge(graphdef, state)(z, x)
-
-    solver = self.solver
-    if (isinstance(solver, newton.Newton) and solver.jacobian is None
-        and solver.linear_solver == "dense"
-        and hasattr(self.cell, "jacobian")):
-
-      def jacobian(z, args):
-        state, x = args
-        return nnx.merge(graphdef, state).jacobian(z, x)
-
-      solver = dataclasses.replace(solver, jacobian=jacobian)
-    z0 = jnp.zeros_like(x) if self.z_init == "zeros" else self.z_init(x)
+    cell_map = (_CellMapWithJacobian if hasattr(self.cell, "residual_jacobian")
+                else _CellMap)(graphdef)
+    if self.z_init == "zeros":
+      z0 = jax.tree.map(jnp.zeros_like, x)
+    else:
+      z0 = self.z_init(x)
     sol = fixed_point_lib.fixed_point(
-        f, z0, (cell_state, x), solver=solver, adjoint=self.adjoint,
-        throw=self.throw, backward_probe=self.backward_probe[...])
-    self.stats.set_value(DEQStats.summarize(sol.stats))
+        cell_map, z0, (cell_state, x), solver=self.solver,
+        adjoint=self.adjoint, throw=self.throw,
+        backward_probe=(self.backward_probe[...]
+                        if hasattr(self.adjoint, "solve_with_probe") else None))
+    _record(self.stats, DEQStats.summarize(sol.stats))
     if self.unconverged == "zero":
-      converged = sol.stats.converged.reshape((-1,) + (1,) * (x.ndim - 1))
-      sol = sol._replace(value=jnp.where(converged, sol.value, 0))
+      converged = sol.stats.converged
+      sol = sol._replace(value=jax.tree.map(
+          lambda v: jnp.where(
+              converged.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0),
+          sol.value))
     return sol
+
+
+def _record(variable: nnx.Variable, value: Any) -> None:
+  """Stores the stats where that is legal, and skips it where it is not.
+
+  Under `jax.vmap` (or another JAX transform) of a function that calls the
+  layer, the layer's variables belong to an outer trace and cannot be
+  written; the stats of such a call are in `deq.solve(x).stats` instead.
+  """
+  try:
+    variable.set_value(value)
+  except flax_errors.TraceContextError:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _CellMap:
+  """f(z, (cell_state, x)) = cell(z, x); one object per graphdef, so the
+  jitted solve is reused across calls."""
+
+  graphdef: Any
+
+  def __call__(self, z, args):
+    state, x = args
+    return nnx.merge(self.graphdef, state)(z, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CellMapWithJacobian(_CellMap):
+  """A cell map that passes on the cell's closed-form `residual_jacobian`."""
+
+  def residual_jacobian(self, z, args):
+    state, x = args
+    return nnx.merge(self.graphdef, state).residual_jacobian(z, x)

@@ -67,17 +67,16 @@ class Anderson(base.FixedPointSolver):
     base.check_number(self, "beta", positive=True)
 
   def init(self, f, z, fz, args) -> AndersonState:
-    batch = z.shape[0]
-    zeros = jnp.zeros((batch, self.m, z[0].size), z.dtype)
+    batch, size = z.shape
+    zeros = jnp.zeros((batch, self.m, size), z.dtype)
     return AndersonState(zeros, zeros)
 
   def step(self, f, z, fz, args, state, step_index):
-    batch = z.shape[0]
     slot = step_index % self.m
     z_history = jax.lax.dynamic_update_index_in_dim(
-        state.z_history, z.reshape(batch, -1), slot, axis=1)
+        state.z_history, z, slot, axis=1)
     f_history = jax.lax.dynamic_update_index_in_dim(
-        state.f_history, fz.reshape(batch, -1), slot, axis=1)
+        state.f_history, fz, slot, axis=1)
     valid = jnp.arange(self.m, dtype=step_index.dtype) <= step_index  # slots filled so far
     alpha = _mixing_weights(f_history - z_history, valid, self.lam, slot,
                             self.lam_relative)
@@ -87,7 +86,7 @@ class Anderson(base.FixedPointSolver):
     else:
       mixed_z = jnp.einsum("bm,bmd->bd", alpha, z_history)
       z_next = self.beta * mixed_f + (1 - self.beta) * mixed_z
-    return z_next.reshape(z.shape), AndersonState(z_history, f_history)
+    return z_next, AndersonState(z_history, f_history)
 
 
 def _mixing_weights(residuals: jax.Array, valid: jax.Array, lam: float,
@@ -104,8 +103,8 @@ def _mixing_weights(residuals: jax.Array, valid: jax.Array, lam: float,
   m = residuals.shape[1]
   dtype = residuals.dtype
   gram = jnp.einsum("bid,bjd->bij", residuals, residuals)
-  pair_valid = valid[:, None] & valid[None, :]
-  eye = jnp.eye(m, dtype=dtype)
+  pair_valid = (valid[:, None] & valid[None, :])[None]
+  eye = jnp.eye(m, dtype=dtype)[None]
   if lam_relative:
     diagonal = jnp.where(valid, jnp.diagonal(gram, axis1=1, axis2=2), 0)
     scale = jnp.sum(diagonal, axis=1) / jnp.sum(valid).astype(dtype)
@@ -116,7 +115,7 @@ def _mixing_weights(residuals: jax.Array, valid: jax.Array, lam: float,
   w = _solve_unrolled(system, rhs)
   total = jnp.sum(w, axis=1, keepdims=True)
   alpha = w / total
-  fallback = jax.nn.one_hot(newest, m, dtype=dtype)
+  fallback = jax.nn.one_hot(newest, m, dtype=dtype)[None]
   ok = jnp.all(jnp.isfinite(alpha), axis=1, keepdims=True) & (total != 0)
   return jnp.where(ok, alpha, fallback)
 

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-Map = Callable[[jax.Array, Any], jax.Array]
 
 
-def batched_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Per-sample inner product of two (batch, ...) arrays: shape (batch,)."""
-  return jnp.sum((a * b).reshape(a.shape[0], -1), axis=1)
+@dataclasses.dataclass(frozen=True)
+class Map:
+  """The map a solver iterates, z -> f(z, args) on (batch, d) states.
+
+  Attributes:
+    fn: (z, args) -> f(z, args).
+    residual_jacobian: optional closed form (z, args) -> (batch, d, d) of the
+      Jacobian of g(z) = z - f(z, args); solvers that can use it (Newton)
+      do, the others ignore it.
+  """
+
+  fn: Callable[[jax.Array, Any], jax.Array]
+  residual_jacobian: Optional[Callable[[jax.Array, Any], jax.Array]] = None
+
+  def __call__(self, z: jax.Array, args: Any) -> jax.Array:
+    return self.fn(z, args)
 
 
 def per_sample(mask: jax.Array, like: jax.Array) -> jax.Array:
@@ -30,7 +42,9 @@ class FixedPointSolver:
   evaluates the map once per step and hands each solver the current iterate
   `z` together with `fz = f(z, args)`, so that stopping, freezing of converged
   samples, the best-iterate rule and the residual trace are the same for every
-  solver and no solver pays for an extra evaluation of `f`.
+  solver and no solver pays for an extra evaluation of `f`. Solvers see each
+  sample's state raveled: `z` is (batch, d), whatever pytree the user's state
+  is, in at least float32.
 
   Attributes:
     tol: residual tolerance per sample (> 0).
@@ -63,23 +77,16 @@ class FixedPointSolver:
     """Returns the next iterate and state from `z` and `fz = f(z, args)`.
 
     Args:
-      f: the map, batched over the leading axis.
-      z: (batch, ...) current iterate.
+      f: the map, (batch, d) -> (batch, d); it may offer
+        `residual_jacobian(z, args)`, the (batch, d, d) Jacobian of
+        g(z) = z - f(z, args).
+      z: (batch, d) current iterate.
       fz: f(z, args).
       args: the map's arguments.
       state: the solver's state.
       step_index: () int32, the number of steps taken before this one.
     """
     raise NotImplementedError
-
-  def adjoint_solver(self) -> "FixedPointSolver":
-    """The solver `ImplicitAdjoint` uses by default for the backward system.
-
-    The backward map is u -> u . df/dz(z*) + g, called with args
-    `(z_star, args, g)`. Solvers that need more than the map (Newton's
-    closed-form Jacobian) override this.
-    """
-    return self
 
 
 def check_number(obj, name: str, positive: bool) -> None:

@@ -17,7 +17,7 @@ class BroydenState(NamedTuple):
   Attributes:
     us: (batch, memory, d) left factors.
     vs: (batch, memory, d) right factors.
-    z_prev: (batch, d) previous iterate (flattened).
+    z_prev: (batch, d) previous iterate.
     g_prev: (batch, d) its residual f(z) - z.
   """
 
@@ -58,15 +58,13 @@ class Broyden(base.FixedPointSolver):
     base.check_int(self, "memory", minimum=1)
 
   def init(self, f, z, fz, args) -> BroydenState:
-    batch = z.shape[0]
-    flat = z.reshape(batch, -1)
-    factors = jnp.zeros((batch, self.memory, flat.shape[1]), z.dtype)
-    return BroydenState(factors, factors, flat, jnp.zeros_like(flat))
+    batch, size = z.shape
+    factors = jnp.zeros((batch, self.memory, size), z.dtype)
+    return BroydenState(factors, factors, z, jnp.zeros_like(z))
 
   def step(self, f, z, fz, args, state, step_index):
-    batch = z.shape[0]
-    flat_z = z.reshape(batch, -1)
-    g = (fz - z).reshape(batch, -1)
+    flat_z = z
+    g = fz - z
     us, vs = state.us, state.vs
     dz = flat_z - state.z_prev
     dg = g - state.g_prev
@@ -88,7 +86,7 @@ class Broyden(base.FixedPointSolver):
     us = jax.lax.dynamic_update_index_in_dim(us, u, slot, axis=1)
     vs = jax.lax.dynamic_update_index_in_dim(vs, v, slot, axis=1)
     z_next = flat_z - _matvec(us, vs, g)
-    return z_next.reshape(z.shape), BroydenState(us, vs, flat_z, g)
+    return z_next, BroydenState(us, vs, flat_z, g)
 
 
 def _matvec(us, vs, x):

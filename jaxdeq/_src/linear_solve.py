@@ -1,0 +1,200 @@
+"""Per-sample matrix-free linear solves: batched GMRES with restarts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdeq._src import solution as solution_lib
+from jaxdeq._src.solvers import base
+
+
+@dataclasses.dataclass(frozen=True)
+class GMRES:
+  """Restarted GMRES, per sample and matrix-free, as a linear solver config.
+
+  For `ImplicitAdjoint(solver=jaxdeq.GMRES())`: the backward system
+  (I - df/dz)^T u = g (and the forward-mode one) is solved by GMRES on the
+  VJP (JVP) operator instead of by iterating u <- u df/dz + g, which barely
+  moves when df/dz has an eigenvalue near 1 (or -1).
+
+  Attributes:
+    tol: relative residual ||b - A x|| / ||b|| at which a sample is solved.
+    krylov_dim: Krylov basis size per cycle (matrix-vector products per
+      cycle).
+    max_restarts: most cycles after the first.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxdeq
+    >>> adjoint = jaxdeq.ImplicitAdjoint(solver=jaxdeq.GMRES(tol=1e-6))
+    >>> f = lambda z, c: -0.9996 * z + c  # df/dz ~ -1: iteration crawls
+    >>> grad = jax.grad(lambda c: jaxdeq.fixed_point(
+    ...     f, jnp.zeros((1, 1)), c, solver=jaxdeq.Anderson(tol=1e-6),
+    ...     adjoint=adjoint).value.sum())
+    >>> round(float(grad(jnp.ones((1, 1)))[0, 0]), 4)
+    0.5001
+  """
+
+  tol: float = 1e-6
+  krylov_dim: int = 20
+  max_restarts: int = 4
+
+  def __post_init__(self):
+    base.check_number(self, "tol", positive=True)
+    base.check_int(self, "krylov_dim", minimum=1)
+    base.check_int(self, "max_restarts", minimum=0)
+
+  def solve(self, matvec: Callable[[jax.Array], jax.Array], b: jax.Array
+            ) -> tuple[jax.Array, solution_lib.SolverStats]:
+    """x with A x = b per row of b (batch, n), and `SolverStats`.
+
+    `num_steps` counts matrix-vector products of the Krylov cycles, the
+    residual is relative to ||b|| per sample (0 for b = 0).
+    """
+    batch = b.shape[0]
+    b_norm = _norm(b)
+
+    def relative_residual(x):
+      r = _norm(b - matvec(x))
+      return jnp.where(b_norm > 0, r / jnp.where(b_norm > 0, b_norm, 1), r)
+
+    def cond(carry):
+      cycle, _, res = carry
+      return (cycle <= self.max_restarts) & jnp.any(~(res <= self.tol))
+
+    def body(carry):
+      cycle, x, _ = carry
+      r = b - matvec(x)
+      # Each cycle's tolerance is relative to its own right-hand side: ask
+      # for the overall tolerance against ||b||.
+      scale = jnp.where(b_norm > 0, _norm(r) / jnp.where(b_norm > 0, b_norm, 1),
+                        1)
+      tol = self.tol / jnp.maximum(scale, self.tol)
+      x = x + batched_gmres(matvec, r, tol=tol, max_iters=self.krylov_dim)
+      return cycle + 1, x, relative_residual(x)
+
+    x0 = jnp.zeros_like(b)
+    res0 = jnp.where(b_norm > 0, jnp.inf, 0).astype(b.dtype)
+    cycles, x, res = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), x0, res0))
+    converged = res <= self.tol
+    trace = jnp.full((1, batch), jnp.nan, b.dtype).at[0].set(res)
+    stats = solution_lib.SolverStats(
+        num_steps=cycles * self.krylov_dim,
+        residual=res,
+        converged=converged,
+        trace=trace,
+        status=solution_lib.batch_status(converged, ~jnp.isfinite(res)),
+        sample_steps=jnp.full((batch,), cycles * self.krylov_dim, jnp.int32),
+        best_step=jnp.full((batch,), cycles, jnp.int32),
+    )
+    return x, stats
+
+
+def _norm(x):
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=1))
+
+
+def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
+                  tol=1e-5, max_iters: int = 20) -> jax.Array:
+  """Solves A_i x_i = b_i for every row i by GMRES from x = 0, matrix-free.
+
+  `matvec` applies every sample's own matrix at once, (batch, n) -> (batch, n)
+  (block-diagonal: row i of the output depends only on row i of the input).
+  Each sample gets its own Krylov basis and Givens rotations; the loop stops
+  once every sample's residual is below `tol * ||b_i||` or after `max_iters`
+  iterations (classical Gram-Schmidt, applied twice for stability).
+
+  Args:
+    matvec: the batched linear map.
+    b: (batch, n) right-hand sides.
+    tol: relative residual at which a sample is solved (a number, or a
+      (batch,) array of per-sample tolerances).
+    max_iters: Krylov dimension (no restarts).
+
+  Returns:
+    (batch, n) approximate solutions.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxdeq._src.linear_solve import batched_gmres
+    >>> a = jnp.array([[[2., 1.], [0., 3.]], [[1., 0.], [1., 1.]]])
+    >>> x = batched_gmres(lambda v: jnp.einsum("bij,bj->bi", a, v),
+    ...                   jnp.ones((2, 2)))
+    >>> bool(jnp.allclose(x, jnp.array([[1 / 3, 1 / 3], [1.0, 0.0]]),
+    ...                   atol=1e-5))
+    True
+  """
+  batch, n = b.shape
+  k = max_iters
+  dtype = b.dtype
+  beta = jnp.linalg.norm(b, axis=1)
+  # (batch, k+1, n): with the batch leading, the Gram-Schmidt products are
+  # batched matrix-vector dots, which XLA:CPU runs ~4x faster than the same
+  # products over a (k+1, batch, n) basis.
+  basis = jnp.zeros((batch, k + 1, n), dtype).at[:, 0].set(
+      b / jnp.where(beta > 0, beta, 1)[:, None])
+  upper_t = jnp.zeros((batch, k, k), dtype)  # transposed: column j is row j
+  # The product of the Givens rotations so far, as one (k+1)x(k+1) matrix per
+  # sample: applying it to a new Hessenberg column is one batched product
+  # instead of a sequential sweep. beta * rotations[:, :, 0] is the rotated
+  # right-hand side; its entry j is the residual after j iterations.
+  rotations = jnp.broadcast_to(jnp.eye(k + 1, dtype=dtype), (batch, k + 1, k + 1))
+  threshold = tol * beta
+  rows = jnp.arange(k + 1, dtype=jnp.int32)
+
+  def cond(carry):
+    j, _, _, rotations = carry
+    residual = beta * jnp.abs(
+        jax.lax.dynamic_index_in_dim(rotations[:, :, 0], j, 1, False))
+    return (j < k) & jnp.any(residual > threshold)
+
+  def body(carry):
+    j, basis, upper_t, rotations = carry
+    w = matvec(jax.lax.dynamic_index_in_dim(basis, j, 1, False))
+    h = jnp.einsum("bkn,bn->bk", basis, w)  # zero above j
+    w = w - jnp.einsum("bkn,bk->bn", basis, h)
+    h_again = jnp.einsum("bkn,bn->bk", basis, w)
+    w = w - jnp.einsum("bkn,bk->bn", basis, h_again)
+    h = h + h_again
+    norm = jnp.linalg.norm(w, axis=1)
+    basis = jax.lax.dynamic_update_index_in_dim(
+        basis, (w / jnp.where(norm > 0, norm, 1)[:, None])[:, None], j + 1, 1)
+    h = jnp.where(rows[None] == j + 1, norm[:, None], h)
+    h = jnp.einsum("bij,bj->bi", rotations, h)
+    hj = jax.lax.dynamic_index_in_dim(h, j, 1, False)
+    radius = jnp.hypot(hj, norm)
+    safe = jnp.where(radius > 0, radius, 1)
+    c = jnp.where(radius > 0, hj / safe, 1)[:, None]
+    s = jnp.where(radius > 0, norm / safe, 0)[:, None]
+    column = jnp.where(rows[None] == j, radius[:, None],
+                       jnp.where(rows[None] < j, h, 0))
+    upper_t = jax.lax.dynamic_update_index_in_dim(
+        upper_t, column[:, None, :k], j, 1)
+    row_j = jax.lax.dynamic_index_in_dim(rotations, j, 1, False)
+    row_next = jax.lax.dynamic_index_in_dim(rotations, j + 1, 1, False)
+    rotations = jax.lax.dynamic_update_index_in_dim(
+        rotations, (c * row_j + s * row_next)[:, None], j, 1)
+    rotations = jax.lax.dynamic_update_index_in_dim(
+        rotations, (c * row_next - s * row_j)[:, None], j + 1, 1)
+    return j + 1, basis, upper_t, rotations
+
+  steps, basis, upper_t, rotations = jax.lax.while_loop(
+      cond, body, (jnp.zeros((), jnp.int32), basis, upper_t, rotations))
+  upper = jnp.swapaxes(upper_t, 1, 2)
+  # Columns never built, or built after a sample's exact breakdown, have a
+  # zero diagonal: make them identity rows so that their coefficient is zero.
+  diagonal = jnp.diagonal(upper, axis1=1, axis2=2)
+  unused = (jnp.arange(k, dtype=jnp.int32)[None] >= steps) | (diagonal == 0)
+  upper = jnp.where(unused[:, :, None] & jnp.eye(k, dtype=bool)[None], 1,
+                    upper)
+  rhs = jnp.where(unused, 0, beta[:, None] * rotations[:, :k, 0])
+  coefficients = jax.scipy.linalg.solve_triangular(
+      upper, rhs[..., None], lower=False)[..., 0]
+  # The unused last basis vector gets a zero coefficient: slicing it off
+  # would copy the whole basis.
+  coefficients = jnp.pad(coefficients, ((0, 0), (0, 1)))
+  return jnp.einsum("bkn,bk->bn", basis, coefficients)

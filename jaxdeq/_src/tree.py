@@ -1,0 +1,125 @@
+"""Pytree helpers: differentiable leaves, per-sample raveling of states."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_differentiable(x: Any) -> bool:
+  """Whether a leaf carries a gradient (a floating or complex array)."""
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def split_differentiable(tree: Any) -> tuple[list, Callable[[list], Any]]:
+  """The differentiable leaves of `tree` and a function that puts them back.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> diff, rebuild = split_differentiable((jnp.ones(2), 3, None))
+    >>> len(diff), rebuild([jnp.zeros(2)])[1]
+    (1, 3)
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  mask = [is_differentiable(x) for x in leaves]
+  diff = [x for x, m in zip(leaves, mask) if m]
+
+  def rebuild(new_diff):
+    it = iter(new_diff)
+    return jax.tree.unflatten(
+        treedef, [next(it) if m else x for x, m in zip(leaves, mask)])
+
+  return diff, rebuild
+
+
+def fill_nondifferentiable(tree: Any, diff_cotangents: list) -> Any:
+  """A cotangent for `tree`: the given floats, float0 zeros elsewhere."""
+  leaves, treedef = jax.tree.flatten(tree)
+  it = iter(diff_cotangents)
+  out = [
+      next(it) if is_differentiable(x) else np.zeros(
+          np.shape(x), jax.dtypes.float0) for x in leaves
+  ]
+  return jax.tree.unflatten(treedef, out)
+
+
+def zero_tangent(x: Any) -> Any:
+  """A zero tangent for one leaf (float0 for integer and bool leaves)."""
+  if is_differentiable(x):
+    return jnp.zeros_like(x)
+  return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+def finite_or_zero(tree: Any) -> Any:
+  """Non-finite floats set to zero (identity on finite values)."""
+  return jax.tree.map(
+      lambda x: jnp.where(jnp.isfinite(x), x, 0) if is_differentiable(x)
+      else x, tree)
+
+
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def compute_dtype(dtypes: list) -> jnp.dtype:
+  """The dtype solvers work in for states of these leaf dtypes.
+
+  The widest leaf dtype, and at least float32: least-squares weights, LU
+  factors and norms of half-precision states are computed in float32 (LAPACK
+  has no bfloat16, and bfloat16 sums of squares lose the residual).
+  """
+  widest = max((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
+  if widest in _HALF:
+    return jnp.dtype(jnp.float32)
+  return widest
+
+
+class Raveller(NamedTuple):
+  """Per-sample raveling of a batched state pytree into (batch, d) vectors.
+
+  Every leaf's leading axis is the batch; a sample's leaves are flattened
+  and concatenated in leaf order, cast to `dtype`. `unravel` restores each
+  leaf's own shape and dtype, so mixed-dtype states keep their dtypes.
+
+  Attributes:
+    treedef: structure of the state.
+    shapes: per-sample shape of each leaf.
+    dtypes: dtype of each leaf.
+    dtype: dtype of the raveled vector (`compute_dtype` of the leaves).
+  """
+
+  treedef: Any
+  shapes: tuple
+  dtypes: tuple
+  dtype: Any
+
+  @classmethod
+  def of(cls, tree: Any) -> "Raveller":
+    leaves, treedef = jax.tree.flatten(tree)
+    return cls(treedef, tuple(x.shape[1:] for x in leaves),
+               tuple(jnp.dtype(x.dtype) for x in leaves),
+               compute_dtype([x.dtype for x in leaves]))
+
+  @property
+  def size(self) -> int:
+    """Length d of a sample's raveled state."""
+    return sum(int(np.prod(s)) for s in self.shapes)
+
+  def ravel(self, tree: Any) -> jax.Array:
+    """(batch, d) vector of a batched state (a reshape for one leaf)."""
+    leaves = jax.tree.leaves(tree)
+    flat = [x.reshape(x.shape[0], -1).astype(self.dtype) for x in leaves]
+    return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
+
+  def unravel(self, flat: jax.Array) -> Any:
+    """The batched state of a (batch, d) vector."""
+    batch = flat.shape[0]
+    leaves, start = [], 0
+    for shape, dtype in zip(self.shapes, self.dtypes):
+      size = int(np.prod(shape))
+      part = flat if len(self.shapes) == 1 else flat[:, start:start + size]
+      leaves.append(part.reshape((batch,) + shape).astype(dtype))
+      start += size
+    return jax.tree.unflatten(self.treedef, leaves)
