@@ -1,4 +1,5 @@
-"""Shared fixtures: float64 where precision matters, strict dtype promotion."""
+"""Shared fixtures: float64 where precision matters (strict promotion for
+every test comes from the top-level conftest.py)."""
 
 import jax
 import pytest
@@ -11,8 +12,11 @@ def x64():
     yield
 
 
-@pytest.fixture
-def strict_promotion():
-  """Fails on implicit dtype promotion inside the library."""
-  with jax.numpy_dtype_promotion("strict"):
-    yield
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+  """A floating dtype; float64 runs with x64 enabled."""
+  if request.param == "float64":
+    with jax.enable_x64(True):
+      yield jax.numpy.float64
+  else:
+    yield jax.numpy.float32

@@ -26,7 +26,8 @@ def tanh_map(z, args):
 def tanh_jacobian(z, args):
   w, x = args
   sech2 = 1 - jnp.tanh(z @ w + x) ** 2
-  return jnp.eye(w.shape[0], dtype=z.dtype) - sech2[:, :, None] * w.T
+  return (jnp.eye(w.shape[0], dtype=z.dtype)[None]
+          - sech2[:, :, None] * w.T[None])
 
 
 def solve_fn(solver, adjoint):
@@ -335,7 +336,8 @@ def test_grad_under_jit_and_vmap():
 def test_newton_dense_solve_gradient(x64):
   from jaxdeq._src.solvers.newton import dense_solve
   key_j, key_b = jax.random.split(jax.random.key(0))
-  jac = jax.random.normal(key_j, (3, 5, 5), jnp.float64) + 3 * jnp.eye(5)
+  jac = jax.random.normal(key_j, (3, 5, 5), jnp.float64) + 3 * jnp.eye(
+      5, dtype=jnp.float64)[None]
   rhs = jax.random.normal(key_b, (3, 5), jnp.float64)
   check_grads(dense_solve, (jac, rhs), order=1, modes=["rev"])
   stock = jax.grad(lambda j, b: jnp.sum(jnp.sin(

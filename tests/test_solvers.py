@@ -37,7 +37,8 @@ def linear_problem(batch, dim, dtype, seed=0):
   a = jax.random.normal(key_a, (batch, dim, dim), dtype)
   a = 0.6 * a / jnp.linalg.norm(a, ord=2, axis=(1, 2), keepdims=True)
   b = jax.random.normal(key_b, (batch, dim), dtype)
-  exact = jnp.linalg.solve(jnp.eye(dim, dtype=dtype) - a, b[..., None])[..., 0]
+  exact = jnp.linalg.solve(jnp.eye(dim, dtype=dtype)[None] - a,
+                           b[..., None])[..., 0]
   return (a, b), exact
 
 
@@ -268,8 +269,8 @@ def test_shape_mismatch():
 
 
 def test_dtype_mismatch(x64):
-  with pytest.raises(ValueError, match="dtype float64 for z of dtype float32"):
-    jaxdeq.fixed_point(lambda z, a: z + a, jnp.zeros((2, 3), jnp.float32),
+  with pytest.raises(ValueError, match=r"dtype float64 for z of dtype float32"):
+    jaxdeq.fixed_point(lambda z, a: a, jnp.zeros((2, 3), jnp.float32),
                        jnp.ones((2, 3), jnp.float64))
 
 
@@ -315,7 +316,7 @@ def test_anderson_relative_lam_keeps_accelerating():
 
 def _block_diagonal_problem(batch=4, n=12, seed=0, dtype=jnp.float64):
   key_a, key_b = jax.random.split(jax.random.key(seed))
-  a = jnp.eye(n, dtype=dtype) + 0.4 * jax.random.normal(
+  a = jnp.eye(n, dtype=dtype)[None] + 0.4 * jax.random.normal(
       key_a, (batch, n, n), dtype) / np.sqrt(n)
   b = jax.random.normal(key_b, (batch, n), dtype)
   return a, b, lambda v: jnp.einsum("bij,bj->bi", a, v)
@@ -378,7 +379,7 @@ def test_broyden_full_memory_restarts_instead_of_diverging():
   # ring of the latest rank-one updates Broyden blew up to inf here; with a
   # restart when its memory is full it converges.
   q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (100, 100)))
-  a = (q * jnp.linspace(0.0, 0.98, 100)) @ q.T
+  a = (q * jnp.linspace(0.0, 0.98, 100)[None]) @ q.T
   b = jax.random.normal(jax.random.key(1), (16, 100))
   sol = jaxdeq.fixed_point(lambda z, a: z @ a + b, jnp.zeros_like(b), a,
                            solver=jaxdeq.Broyden(1e-4, 500))

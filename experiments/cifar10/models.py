@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 import jaxdeq
@@ -42,5 +43,20 @@ class CifarDEQ(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     z = self.norm_out(self.deq(self.features(images)))
-    pooled = nnx.avg_pool(z, window_shape=(8, 8), strides=(8, 8))
-    return self.head(pooled.reshape(pooled.shape[0], -1))
+    return self.head(average_pool_8x8(z).reshape(z.shape[0], -1))
+
+
+def average_pool_8x8(z: jax.Array) -> jax.Array:
+  """Non-overlapping 8x8 mean pooling of NHWC maps.
+
+  (`nnx.avg_pool` divides by an integer count, which strict dtype promotion
+  refuses.)
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> average_pool_8x8(jnp.ones((2, 32, 32, 3))).shape
+    (2, 4, 4, 3)
+  """
+  batch, height, width, channels = z.shape
+  blocks = z.reshape(batch, height // 8, 8, width // 8, 8, channels)
+  return jnp.mean(blocks, axis=(2, 4))

@@ -108,7 +108,7 @@ def make_steps(experiment: Experiment,
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     wrong = jnp.argmax(logits, -1) != labels
     if mask is not None:
-      losses, wrong = losses * mask, wrong & mask
+      losses, wrong = losses * mask.astype(losses.dtype), wrong & mask
     errors = jnp.sum(wrong)
     stats = experiment.deq(model).stats.get_value()
     return jnp.mean(losses), (jnp.sum(losses), errors, stats.num_steps)
@@ -128,7 +128,10 @@ def make_steps(experiment: Experiment,
     keep = _tree_all_finite(param_grads)
     if skip_grad_norm is not None:
       keep &= optax.global_norm(param_grads) <= skip_grad_norm
-    optimizer.update(model, param_grads)
+    # optax's own updates (Adam's bias correction: float ** int32 count)
+    # promote implicitly; everything else here runs under strict promotion.
+    with jax.numpy_dtype_promotion("standard"):
+      optimizer.update(model, param_grads)
     # The tutorial's NaN guard: a step with non-finite gradients is undone.
     after = nnx.state((model, optimizer))
     nnx.update((model, optimizer), jax.tree.map(

@@ -54,7 +54,8 @@ class TanhCell(nnx.Module):
     """
     kernel = self.kernel[...].astype(z.dtype)
     sech2 = 1 - jnp.tanh(z @ kernel + x) ** 2
-    return jnp.eye(self.features, dtype=z.dtype) - sech2[:, :, None] * kernel.T
+    return (jnp.eye(self.features, dtype=z.dtype)[None]
+            - sech2[:, :, None] * kernel.T[None])
 
 
 class ResNetCell(nnx.Module):
@@ -133,7 +134,8 @@ def group_norm(x: jax.Array, norm: nnx.GroupNorm) -> jax.Array:
   mean_sq = jnp.sum(flat * flat, axis=1).reshape(batch, groups,
                                                   per_group).sum(-1) / count
   inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0) + norm.epsilon)
-  scale = jnp.repeat(inv, per_group, axis=1) * norm.scale[...].astype(x.dtype)
-  shift = (norm.bias[...].astype(x.dtype)
+  scale = (jnp.repeat(inv, per_group, axis=1)
+           * norm.scale[...].astype(x.dtype)[None])
+  shift = (norm.bias[...].astype(x.dtype)[None]
            - jnp.repeat(mean, per_group, axis=1) * scale)
   return x * scale[:, None, None, :] + shift[:, None, None, :]
