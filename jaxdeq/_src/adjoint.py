@@ -197,35 +197,67 @@ def _implicit_solve_jvp(fn, solver, adjoint, primals, tangents):
   if fn.residual_jacobian is not None:
     jacobian = fn.residual_jacobian(z_star, args)
 
-  def matvec(x):
-    v, p = x
-    return v - f_jvp(v), p
+  def forward_solve(operator, rhs):
+    return _linear_solve(linear_solver, operator, rhs, jacobian)[0]
 
-  def solve(matvec, b):
-    rhs, p = b
-    v, _ = _linear_solve(linear_solver,
-                         lambda v: matvec((v, jnp.zeros_like(p)))[0], rhs,
-                         jacobian)
-    return v, p
-
-  def transpose_solve(vecmat, b):
-    cot, p = b
+  def backward_solve(operator, cotangent):
     transposed = None if jacobian is None else jnp.swapaxes(jacobian, 1, 2)
-    u, stats = _linear_solve(linear_solver,
-                             lambda u: vecmat((u, jnp.zeros_like(p)))[0], cot,
-                             transposed)
+    u, stats = _linear_solve(linear_solver, operator, cotangent, transposed)
     _report_backward(adjoint, linear_solver, stats)
-    return u, _stats_vector(stats, p.dtype)
+    return u, stats
 
-  # The probe block must be linear in the tangents for custom_linear_solve
-  # to transpose it: a zero multiple of rhs when the probe has no tangent.
-  probe_dtype = rhs.dtype if probe is None else probe.dtype
-  linear_zero = (jnp.sum(rhs[:1, :1]) * 0).astype(probe_dtype)
-  if probe is None or _is_symbolic_zero(probe_dot):
-    probe_dot = linear_zero + jnp.zeros((3,), probe_dtype)
-  value_dot, _ = jax.lax.custom_linear_solve(
-      matvec, (rhs, probe_dot), solve, transpose_solve)
+  matvec = lambda v: v - f_jvp(v)
+  if probe is None:
+    value_dot = jax.lax.custom_linear_solve(
+        matvec, rhs, forward_solve,
+        lambda vecmat, cotangent: backward_solve(vecmat, cotangent)[0])
+    return sol, sol._replace(value=value_dot, stats=stats_dot)
+  value_dot = _solve_with_probe(matvec, rhs, probe_dot, forward_solve,
+                                backward_solve)
   return sol, sol._replace(value=value_dot, stats=stats_dot)
+
+
+def _solve_with_probe(matvec, rhs, probe_dot, forward_solve, backward_solve):
+  """The tangent solve with the probe riding along as an identity block.
+
+  Right-hand side and probe are one vector [rhs.ravel(), probe]: the
+  operator is the identity on the probe's three entries, and the transposed
+  solve returns the backward statistics there instead of the probe's
+  cotangent. One array rather than a pair: custom_linear_solve transposes
+  only right-hand sides that are linear in every part, and a pair's probe
+  part is a constant whenever the probe is not differentiated.
+  """
+  shape, dtype = rhs.shape, rhs.dtype
+  size = rhs.size
+  if _is_symbolic_zero(probe_dot):
+    probe_dot = jnp.zeros((3,), dtype)
+
+  def split(x):
+    return x[:size].reshape(shape), x[size:]
+
+  def with_probe(operator):
+    def apply(v):
+      return operator(jnp.concatenate([v.reshape(-1), jnp.zeros((3,), dtype)])
+                      )[:size].reshape(shape)
+    return apply
+
+  def matvec_joint(x):
+    v, p = split(x)
+    return jnp.concatenate([matvec(v).reshape(-1), p])
+
+  def solve_joint(operator, b):
+    v, p = split(b)
+    return jnp.concatenate([forward_solve(with_probe(operator), v).reshape(-1),
+                            p])
+
+  def transpose_solve_joint(operator, b):
+    u, stats = backward_solve(with_probe(operator), split(b)[0])
+    return jnp.concatenate([u.reshape(-1), _stats_vector(stats, dtype)])
+
+  joint = jnp.concatenate([rhs.reshape(-1), probe_dot.astype(dtype)])
+  out = jax.lax.custom_linear_solve(matvec_joint, joint, solve_joint,
+                                    transpose_solve_joint)
+  return split(out)[0]
 
 
 _implicit_solve.defjvp(_implicit_solve_jvp, symbolic_zeros=True)
@@ -531,14 +563,22 @@ def _phantom_bwd(fn, solver, adjoint, residuals, cotangent):
   diff_args, rebuild = tree.split_differentiable(args)
 
   def phantom_steps(a):
-    def damped_step(_, z):
+    def damped_step(_, carry):
+      z, finite = carry
+      finite &= jnp.all(jnp.isfinite(z), axis=1)
       z = tree.finite_or_zero(z)
-      return z + adjoint.damping * (fn(z, rebuild(a)) - z)
-    return jax.lax.fori_loop(0, adjoint.steps, damped_step, z_star)
+      return z + adjoint.damping * (fn(z, rebuild(a)) - z), finite
 
-  z, vjp = jax.vjp(phantom_steps, diff_args)
-  finite = base.per_sample(jnp.all(jnp.isfinite(z), axis=1), z)
-  (cot_args,) = vjp(jnp.where(finite, cotangent.value, 0))
+    finite = jnp.ones(z_star.shape[:1], bool)
+    z, finite = jax.lax.fori_loop(0, adjoint.steps, damped_step,
+                                  (z_star, finite))
+    return z, finite & jnp.all(jnp.isfinite(z), axis=1)
+
+  # A sample whose phantom steps overflowed gets zero cotangent; the steps
+  # zero its non-finite values, so 0 * inf cannot reach shared gradients.
+  _, vjp, finite = jax.vjp(phantom_steps, diff_args, has_aux=True)
+  (cot_args,) = vjp(jnp.where(base.per_sample(finite, z_star),
+                              cotangent.value, 0))
   return zeros_z0, tree.fill_nondifferentiable(args, cot_args)
 
 

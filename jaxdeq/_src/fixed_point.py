@@ -185,15 +185,30 @@ def _merge_args(dynamic, static, treedef):
 
 def _solve_entry(f, solver, adjoint, has_aux, batched, treedef, static, z0,
                  dynamic, probe):
-  args = _merge_args(dynamic, list(static), treedef)
-  return _solve(f, z0, args, solver, adjoint, has_aux, batched, probe)
+  """Solves on the array leaves of args; the static leaves are baked in."""
+
+  def with_args(fn):
+    return lambda z, dynamic: fn(z, _merge_args(dynamic, list(static),
+                                                treedef))
+
+  jacobian = getattr(solver, "jacobian", None) or getattr(
+      f, "residual_jacobian", None)
+  if getattr(solver, "jacobian", None) is not None:
+    solver = dataclasses.replace(solver, jacobian=None)
+  return _solve(with_args(f),
+                None if jacobian is None else with_args(jacobian),
+                z0, dynamic, solver, adjoint, has_aux, batched, probe)
 
 
 _jitted_entry = jax.jit(_solve_entry, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 
 
-def _solve(f, z0, args, solver, adjoint, has_aux, batched, probe):
-  """The traced body of `fixed_point`: checks, ravel, closure-convert, solve."""
+def _solve(f, jacobian, z0, args, solver, adjoint, has_aux, batched, probe):
+  """The traced body of `fixed_point`: checks, ravel, closure-convert, solve.
+
+  `args` holds only arrays here; `jacobian` is the closed form of the
+  residual's Jacobian or None.
+  """
   if not batched:
     z0 = jax.tree.map(lambda x: x[None], z0)
     f = _batched_map(f, has_aux)
@@ -201,8 +216,6 @@ def _solve(f, z0, args, solver, adjoint, has_aux, batched, probe):
   _check_output(f, z0, args, has_aux, batched)
   _check_tolerance(solver, z0)
 
-  jacobian = getattr(solver, "jacobian", None) or getattr(
-      f, "residual_jacobian", None)
   if jacobian is not None and not batched:
     jacobian = _batched_jacobian(jacobian)
   f_converted, f_consts = jax.closure_convert(f, z0, args)
@@ -221,8 +234,6 @@ def _solve(f, z0, args, solver, adjoint, has_aux, batched, probe):
     return jac_converted(raveller.unravel(z), a, *jc).astype(raveller.dtype)
 
   problem = base.Map(flat_map, None if jacobian is None else flat_jacobian)
-  if jacobian is not None and getattr(solver, "jacobian", None) is not None:
-    solver = dataclasses.replace(solver, jacobian=None)
   all_args = (args, list(f_consts), list(jac_consts))
   flat_z0 = raveller.ravel(z0)
 

@@ -110,7 +110,8 @@ class Raveller(NamedTuple):
   def ravel(self, tree: Any) -> jax.Array:
     """(batch, d) vector of a batched state (a reshape for one leaf)."""
     leaves = jax.tree.leaves(tree)
-    flat = [x.reshape(x.shape[0], -1).astype(self.dtype) for x in leaves]
+    flat = [x.reshape(x.shape[0], int(np.prod(x.shape[1:]))).astype(self.dtype)
+            for x in leaves]
     return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
 
   def unravel(self, flat: jax.Array) -> Any:
