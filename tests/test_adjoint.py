@@ -345,3 +345,60 @@ def test_newton_dense_solve_gradient(x64):
   ours = jax.grad(lambda j, b: jnp.sum(jnp.sin(dense_solve(j, b))),
                   argnums=(0, 1))(jac, rhs)
   chex.assert_trees_all_close(ours, stock, atol=1e-12)
+
+
+def test_gmres_backward_where_iteration_barely_contracts(x64):
+  # z = -0.9996 z + c: dz*/dc = 1 / 1.9996. The backward iteration
+  # u <- -0.9996 u + g oscillates and barely contracts; GMRES solves it in
+  # one Krylov step and reports its status like the forward's.
+  f = lambda z, c: -0.9996 * z + c
+  solver = jaxdeq.Anderson(tol=1e-12, max_steps=50)
+
+  def loss(c, probe, backward):
+    sol = jaxdeq.fixed_point(f, jnp.zeros((2, 1)), c, solver=solver,
+                             adjoint=jaxdeq.ImplicitAdjoint(solver=backward),
+                             backward_probe=probe)
+    return jnp.sum(sol.value)
+
+  c = jnp.ones((2, 1))
+  probe = jaxdeq.backward_probe(jnp.float64)
+  iterated, iterated_probe = jax.grad(loss, argnums=(0, 1))(
+      c, probe, jaxdeq.FixedPointIteration(1e-12, 200))
+  assert int(jaxdeq.BackwardStats.from_probe_grad(
+      iterated_probe).not_converged) == 2
+  assert not np.allclose(iterated, 1 / 1.9996, rtol=1e-3)
+  gmres, gmres_probe = jax.grad(loss, argnums=(0, 1))(
+      c, probe, jaxdeq.GMRES(tol=1e-10))
+  np.testing.assert_allclose(gmres, 1 / 1.9996, rtol=1e-10)
+  stats = jaxdeq.BackwardStats.from_probe_grad(gmres_probe)
+  assert int(stats.not_converged) == 0
+  assert float(stats.residual) < 1e-10
+
+
+def test_gmres_adjoint_on_a_tanh_layer_matches_finite_differences(x64):
+  w, x = tanh_problem()
+  solve = solve_fn(jaxdeq.Anderson(1e-12, 200),
+                   jaxdeq.ImplicitAdjoint(solver=jaxdeq.GMRES(tol=1e-12)))
+  check_grads(solve, (w, x), order=1, modes=["rev", "fwd"], eps=1e-6,
+              atol=1e-6, rtol=1e-6)
+
+
+def test_gmres_config_is_checked():
+  with pytest.raises(ValueError, match="krylov_dim"):
+    jaxdeq.GMRES(krylov_dim=0)
+  with pytest.raises(TypeError, match="solver must be"):
+    jaxdeq.ImplicitAdjoint(solver="gmres")
+
+
+@pytest.mark.parametrize("name", ["anderson", "newton_closed_form"])
+def test_implicit_forward_mode_equals_reverse_mode(name, x64):
+  # The tangent solve (with the closed-form Jacobian for Newton) and its
+  # transpose (with the transposed Jacobian) give the same Jacobian.
+  w, x = tanh_problem(dim=4, batch=2, seed=7)
+
+  def value(x):
+    return jaxdeq.fixed_point(tanh_map, jnp.zeros_like(x), (w, x),
+                              solver=SOLVERS[name]).value
+
+  chex.assert_trees_all_close(jax.jacfwd(value)(x), jax.jacrev(value)(x),
+                              atol=1e-9)

@@ -207,3 +207,96 @@ def test_resnet_cell_group_norm_matches_nnx_group_norm(x64):
   chex.assert_trees_all_close(
       jax.vjp(lambda x: group_norm(x, norm), x)[1](cotangent),
       reference_vjp, atol=1e-9)
+
+
+def _small_deq(seed=0, solver=None):
+  return DEQ(TanhCell(8, rngs=nnx.Rngs(seed)),
+             solver or jaxdeq.Anderson(tol=1e-6, max_steps=100))
+
+
+def test_deq_under_jax_vmap_of_a_function_that_calls_it():
+  deq = _small_deq()
+  xs = jax.random.normal(jax.random.key(1), (3, 4, 8))
+  before = deq.stats.get_value()
+  out = jax.vmap(lambda x: deq(x))(xs)
+  for i in range(3):
+    chex.assert_trees_all_close(out[i], deq(xs[i]), atol=1e-6)
+  # Stats of the vmapped call are not written (an outer trace owns the
+  # variable); deq.solve returns them per slice instead.
+  stats = jax.vmap(lambda x: deq.solve(x).stats)(xs)
+  chex.assert_shape(stats.residual, (3, 4))
+  assert bool(jnp.all(stats.converged))
+  assert before.trace.shape == deq.stats.get_value().trace.shape
+
+
+def test_deq_ensemble_under_nnx_vmap():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return DEQ(TanhCell(8, rngs=nnx.Rngs(key)),
+               jaxdeq.Anderson(tol=1e-6, max_steps=100))
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  ensemble = make(keys)
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+
+  @nnx.vmap(in_axes=(0, None), out_axes=0)
+  def forward(member, x):
+    return member(x)
+
+  out = forward(ensemble, x)
+  chex.assert_shape(out, (3, 4, 8))
+  for i, key in enumerate(keys):
+    alone = DEQ(TanhCell(8, rngs=nnx.Rngs(key)),
+                jaxdeq.Anderson(tol=1e-6, max_steps=100))
+    chex.assert_trees_all_close(out[i], alone(x), atol=1e-5)
+  chex.assert_shape(ensemble.stats.get_value().num_steps, (3,))
+  assert bool(jnp.all(ensemble.stats.get_value().num_steps > 0))
+
+
+def test_stack_of_deq_blocks_under_nnx_scan():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return DEQ(TanhCell(8, rngs=nnx.Rngs(key)),
+               jaxdeq.Anderson(tol=1e-6, max_steps=100))
+
+  keys = jax.random.split(jax.random.key(2), 3)
+  blocks = make(keys)
+
+  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+  def stack(block, x):
+    return block(x)
+
+  x = jax.random.normal(jax.random.key(3), (4, 8))
+  out = stack(blocks, x)
+  expected = x
+  for key in keys:
+    expected = DEQ(TanhCell(8, rngs=nnx.Rngs(key)),
+                   jaxdeq.Anderson(tol=1e-6, max_steps=100))(expected)
+  chex.assert_trees_all_close(out, expected, atol=1e-5)
+
+  grads = nnx.grad(lambda blocks, x: jnp.sum(stack(blocks, x) ** 2))(
+      blocks, x)
+  chex.assert_shape(grads["cell"]["kernel"][...], (3, 8, 8))
+  chex.assert_tree_all_finite(grads)
+
+
+def test_deq_under_nnx_remat_gives_the_same_gradients():
+  deq = _small_deq(seed=4)
+  x = jax.random.normal(jax.random.key(5), (4, 8))
+  plain = nnx.grad(lambda deq, x: jnp.sum(jnp.sin(deq(x))))(deq, x)
+  remat = nnx.grad(lambda deq, x: jnp.sum(jnp.sin(
+      nnx.remat(lambda deq, x: deq(x))(deq, x))))(deq, x)
+  chex.assert_trees_all_close(remat["cell"]["kernel"][...],
+                              plain["cell"]["kernel"][...], atol=1e-6)
+  assert float(jnp.abs(plain["cell"]["kernel"][...]).sum()) > 0
+
+
+def test_deq_eager_calls_reuse_one_compilation():
+  deq = _small_deq(seed=6)
+  x = jnp.ones((4, 8))
+  deq(x)
+  from jaxdeq._src import fixed_point as fixed_point_lib
+  before = fixed_point_lib._jitted_entry._cache_size()
+  for scale in (0.5, 2.0):
+    deq(scale * x)
+  assert fixed_point_lib._jitted_entry._cache_size() == before
