@@ -35,12 +35,14 @@ def test_diverging_map_is_never_reported_converged(f, solver):
     jaxdeq.fixed_point(f, jnp.ones((2, 3)), None, solver=solver, throw=True)
 
 
-def test_scaled_norm_cannot_overflow():
-  x = jnp.array([[3e30, 4e30], [3.0, 4.0], [0.0, 0.0], [jnp.inf, 1.0]],
-                jnp.float32)
-  norms = loop.scaled_norm(x)
-  np.testing.assert_allclose(norms[:3], [5e30, 5.0, 0.0], rtol=1e-6)
-  assert bool(jnp.isnan(norms[3]))
+def test_overflowing_norms_mark_the_sample_failed():
+  # Finite entries whose sum of squares overflows float32: the relative
+  # residual would be finite / inf = 0. The sample is failed instead.
+  solver = jaxdeq.FixedPointIteration()
+  z = jnp.array([[3e30, 4e30], [3.0, 4.0]], jnp.float32)
+  res = loop.residual(z, 2 * z, solver)
+  assert bool(jnp.isnan(res[0]))
+  np.testing.assert_allclose(res[1], 5 / (10 + 1e-5), rtol=1e-6)
 
 
 def test_nan_map_is_flagged_and_the_value_stays_finite():

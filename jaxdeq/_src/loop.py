@@ -52,32 +52,21 @@ def trace_length(max_steps: int) -> int:
   return min(max_steps, MAX_TRACE_STEPS)
 
 
-def scaled_norm(x: jax.Array) -> jax.Array:
-  """Per-sample 2-norm of a (batch, d) array that cannot overflow.
-
-  ||x|| = s ||x / s|| with s = max |x|: the sum of squares of float32 values
-  above ~1e19 overflows to inf, and inf in a denominator would turn a
-  diverging sample's relative residual into 0 ("converged"). A non-finite
-  entry gives NaN.
-  """
-  scale = jnp.max(jnp.abs(x), axis=1, keepdims=True)
-  safe = jnp.where(scale > 0, scale, 1)
-  return scale[:, 0] * jnp.sqrt(jnp.sum(jnp.square(x / safe), axis=1))
-
-
 def residual(z: jax.Array, fz: jax.Array,
              solver: base.FixedPointSolver) -> jax.Array:
   """Per-sample residual ||f(z) - z|| (relative to ||f(z)|| by default).
 
-  NaN marks a sample whose iterate or image is not finite, or whose
-  difference overflows: it is done, and failed.
+  NaN marks a failed sample: one whose iterate or image is not finite, or
+  whose norms overflow (an exploding iterate). Without that check the
+  relative residual of a diverging float32 map became finite / inf = 0,
+  "converged".
   """
   z, fz = jax.lax.stop_gradient((z, fz))
-  error = scaled_norm(fz - z)
+  error = jnp.linalg.norm(fz - z, axis=1)
+  scale = jnp.linalg.norm(fz, axis=1)
   if solver.relative:
-    error = error / (scaled_norm(fz) + jnp.asarray(solver.eps, error.dtype))
-  finite = jnp.all(jnp.isfinite(z) & jnp.isfinite(fz), axis=1)
-  return jnp.where(finite & jnp.isfinite(error), error, jnp.nan)
+    error = error / (scale + jnp.asarray(solver.eps, error.dtype))
+  return jnp.where(jnp.isfinite(error) & jnp.isfinite(scale), error, jnp.nan)
 
 
 def _is_done(res: jax.Array, tol: float) -> jax.Array:
