@@ -344,28 +344,6 @@ def _unrolled_fwd(fn, solver, z0, args):
                stats.best_step, z0, args)
 
 
-class _LeafSplitter(NamedTuple):
-  """Splits a solver state's leaves into differentiable and the rest."""
-
-  treedef: Any
-  mask: tuple
-
-  @classmethod
-  def of(cls, template) -> "_LeafSplitter":
-    leaves, treedef = jax.tree.flatten(template)
-    return cls(treedef, tuple(tree.is_differentiable(x) for x in leaves))
-
-  def split(self, state):
-    leaves = jax.tree.leaves(state)
-    return ([x for x, m in zip(leaves, self.mask) if m],
-            [x for x, m in zip(leaves, self.mask) if not m])
-
-  def merge(self, diff, nondiff):
-    diff, nondiff = iter(diff), iter(nondiff)
-    return jax.tree.unflatten(self.treedef, [
-        next(diff) if m else next(nondiff) for m in self.mask])
-
-
 def _replayed_step(fn, solver, rebuild, states, sample_steps, diff_args):
   """One replayed solver step with its pullback, as a function of the carry.
 
@@ -410,7 +388,7 @@ def _unrolled_bwd(fn, solver, residuals, cotangent):
   checkpoints, num_steps, sample_steps, best_step, z0, args = residuals
   every = loop.checkpoint_interval(solver.max_steps)
   diff_args, rebuild = tree.split_differentiable(args)
-  states = _LeafSplitter.of(
+  states = tree.LeafSplit.of(
       jax.tree.map(lambda c: c[0], checkpoints.solver_state))
   traced_step = _replayed_step(fn, solver, rebuild, states, sample_steps,
                                diff_args)

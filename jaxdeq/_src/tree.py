@@ -14,6 +14,39 @@ def is_differentiable(x: Any) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
+class LeafSplit(NamedTuple):
+  """Which leaves of a pytree are differentiable, to split and merge them.
+
+  The one mechanism for separating what autodiff may see (floating leaves)
+  from the rest (integer counters, flags): used for `args`, for solver
+  states in the unrolled replay and for cotangents.
+
+  Attributes:
+    treedef: the tree's structure.
+    mask: per leaf, whether it is differentiable.
+  """
+
+  treedef: Any
+  mask: tuple
+
+  @classmethod
+  def of(cls, tree: Any) -> "LeafSplit":
+    leaves, treedef = jax.tree.flatten(tree)
+    return cls(treedef, tuple(is_differentiable(x) for x in leaves))
+
+  def split(self, tree: Any) -> tuple[list, list]:
+    """(differentiable leaves, other leaves) of a tree of this structure."""
+    leaves = jax.tree.leaves(tree)
+    return ([x for x, m in zip(leaves, self.mask) if m],
+            [x for x, m in zip(leaves, self.mask) if not m])
+
+  def merge(self, diff: list, nondiff: list) -> Any:
+    """The tree with these differentiable and other leaves."""
+    diff, nondiff = iter(diff), iter(nondiff)
+    return jax.tree.unflatten(self.treedef, [
+        next(diff) if m else next(nondiff) for m in self.mask])
+
+
 def split_differentiable(tree: Any) -> tuple[list, Callable[[list], Any]]:
   """The differentiable leaves of `tree` and a function that puts them back.
 
@@ -23,27 +56,16 @@ def split_differentiable(tree: Any) -> tuple[list, Callable[[list], Any]]:
     >>> len(diff), rebuild([jnp.zeros(2)])[1]
     (1, 3)
   """
-  leaves, treedef = jax.tree.flatten(tree)
-  mask = [is_differentiable(x) for x in leaves]
-  diff = [x for x, m in zip(leaves, mask) if m]
-
-  def rebuild(new_diff):
-    it = iter(new_diff)
-    return jax.tree.unflatten(
-        treedef, [next(it) if m else x for x, m in zip(leaves, mask)])
-
-  return diff, rebuild
+  split = LeafSplit.of(tree)
+  diff, nondiff = split.split(tree)
+  return diff, lambda new_diff: split.merge(new_diff, nondiff)
 
 
 def fill_nondifferentiable(tree: Any, diff_cotangents: list) -> Any:
   """A cotangent for `tree`: the given floats, float0 zeros elsewhere."""
-  leaves, treedef = jax.tree.flatten(tree)
-  it = iter(diff_cotangents)
-  out = [
-      next(it) if is_differentiable(x) else np.zeros(
-          np.shape(x), jax.dtypes.float0) for x in leaves
-  ]
-  return jax.tree.unflatten(treedef, out)
+  split = LeafSplit.of(tree)
+  return split.merge(diff_cotangents,
+                     [zero_tangent(x) for x in split.split(tree)[1]])
 
 
 def zero_tangent(x: Any) -> Any:

@@ -93,7 +93,8 @@ class DEQ(nnx.Module):
     adjoint: a jaxdeq adjoint; default `ImplicitAdjoint()`.
     z_init: "zeros" (z0 = 0 shaped like x) or a function x -> z0 (any
       pytree of floating arrays with the batch leading).
-    throw: raise `jaxdeq.FixedPointError` when a solve fails.
+    throw: raise `jaxdeq.FixedPointError` when the forward solve fails (for
+      the implicit backward: `ImplicitAdjoint(throw=True)`).
     unconverged: "keep" (default) returns the best iterate of a sample that
       missed `tol`; "zero" returns zeros for it, so that it contributes no
       gradient, as the tutorial's unrolled Newton layer does. Backprop through
