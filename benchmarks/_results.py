@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import sys
+import time
 from importlib import metadata
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -36,6 +38,19 @@ def machine() -> str:
                         "jaxopt", "optimistix"))
   return (f"{cpu}; {os.cpu_count()} cores; JAX devices: {devices};"
           f" Python {sys.version.split()[0]}; {packages}")
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+  """Median wall time of `fn(*args)` over `repeats` calls after a warm-up."""
+  import jax
+
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - started)
+  return statistics.median(times)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -13,7 +13,6 @@ things on the old code: the implicit JVP rule against the old custom_vjp.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +24,7 @@ from jaxdeq.nnx import DEQ, ResNetCell, TanhCell
 
 
 def median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  times.sort()
-  return 1e3 * times[len(times) // 2]
+  return 1e3 * _results.median_seconds(fn, *args, repeats=repeats)
 
 
 def eager_rows(repeats: int) -> list[list]:

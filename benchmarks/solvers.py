@@ -15,8 +15,6 @@ three libraries).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -109,16 +107,6 @@ def contenders():
   }
 
 
-def timed(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    started = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - started)
-  return statistics.median(times)
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
@@ -139,11 +127,15 @@ def main(argv=None) -> None:
       forward = jax.jit(lambda p, z0, run=run, f=f: run(f, p, z0))
       value, steps = forward(params, z0)
       residual = worst_relative_residual(f, value, params)
-      t_fwd = f"{timed(forward, params, z0, repeats=args.repeats) * 1e3:.2f}"
+      seconds = _results.median_seconds(forward, params, z0,
+                                        repeats=args.repeats)
+      t_fwd = f"{seconds * 1e3:.2f}"
       loss = lambda p, z0, run=run, f=f: jnp.sum(run(f, p, z0)[0])
       try:
         grad = jax.jit(jax.grad(loss))
-        t_bwd = f"{timed(grad, params, z0, repeats=args.repeats) * 1e3:.2f}"
+        seconds = _results.median_seconds(grad, params, z0,
+                                          repeats=args.repeats)
+        t_bwd = f"{seconds * 1e3:.2f}"
       except Exception as error:  # optimistix's dense backward can OOM
         t_bwd = f"failed ({type(error).__name__}: {str(error)[:60]})"
       rows.append([pname, cname, t_fwd, t_bwd, int(steps), f"{residual:.1e}"])

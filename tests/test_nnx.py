@@ -214,6 +214,15 @@ def _small_deq(seed=0, solver=None):
              solver or jaxdeq.Anderson(tol=1e-6, max_steps=100))
 
 
+def _deq_of_key(key):
+  return DEQ(TanhCell(8, rngs=nnx.Rngs(key)),
+             jaxdeq.Anderson(tol=1e-6, max_steps=100))
+
+
+# DEQs stacked along a leading axis: an ensemble, or the blocks of a stack.
+_stacked_deqs = nnx.vmap(_deq_of_key, in_axes=0, out_axes=0)
+
+
 def test_deq_under_jax_vmap_of_a_function_that_calls_it():
   deq = _small_deq()
   xs = jax.random.normal(jax.random.key(1), (3, 4, 8))
@@ -230,13 +239,8 @@ def test_deq_under_jax_vmap_of_a_function_that_calls_it():
 
 
 def test_deq_ensemble_under_nnx_vmap():
-  @nnx.vmap(in_axes=0, out_axes=0)
-  def make(key):
-    return DEQ(TanhCell(8, rngs=nnx.Rngs(key)),
-               jaxdeq.Anderson(tol=1e-6, max_steps=100))
-
   keys = jax.random.split(jax.random.key(0), 3)
-  ensemble = make(keys)
+  ensemble = _stacked_deqs(keys)
   x = jax.random.normal(jax.random.key(1), (4, 8))
 
   @nnx.vmap(in_axes=(0, None), out_axes=0)
@@ -246,21 +250,14 @@ def test_deq_ensemble_under_nnx_vmap():
   out = forward(ensemble, x)
   chex.assert_shape(out, (3, 4, 8))
   for i, key in enumerate(keys):
-    alone = DEQ(TanhCell(8, rngs=nnx.Rngs(key)),
-                jaxdeq.Anderson(tol=1e-6, max_steps=100))
-    chex.assert_trees_all_close(out[i], alone(x), atol=1e-5)
+    chex.assert_trees_all_close(out[i], _deq_of_key(key)(x), atol=1e-5)
   chex.assert_shape(ensemble.stats.get_value().num_steps, (3,))
   assert bool(jnp.all(ensemble.stats.get_value().num_steps > 0))
 
 
 def test_stack_of_deq_blocks_under_nnx_scan():
-  @nnx.vmap(in_axes=0, out_axes=0)
-  def make(key):
-    return DEQ(TanhCell(8, rngs=nnx.Rngs(key)),
-               jaxdeq.Anderson(tol=1e-6, max_steps=100))
-
   keys = jax.random.split(jax.random.key(2), 3)
-  blocks = make(keys)
+  blocks = _stacked_deqs(keys)
 
   @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
   def stack(block, x):
@@ -270,8 +267,7 @@ def test_stack_of_deq_blocks_under_nnx_scan():
   out = stack(blocks, x)
   expected = x
   for key in keys:
-    expected = DEQ(TanhCell(8, rngs=nnx.Rngs(key)),
-                   jaxdeq.Anderson(tol=1e-6, max_steps=100))(expected)
+    expected = _deq_of_key(key)(expected)
   chex.assert_trees_all_close(out, expected, atol=1e-5)
 
   grads = nnx.grad(lambda blocks, x: jnp.sum(stack(blocks, x) ** 2))(

@@ -128,9 +128,10 @@ def _with_aux(fn, has_aux):
   return (lambda y, args: (fn(y, args), SMOKE_AUX)) if has_aux else fn
 
 
-@pytest.mark.parametrize("has_aux", [False, True])
 @pytest.mark.parametrize("name", PROBLEMS)
-def test_optimistix_fixed_point(name, has_aux):
+def test_optimistix_fixed_point(name):
+  # optimistix picks has_aux at random per case; every other problem here.
+  has_aux = PROBLEMS.index(name) % 2 == 1
   fn, init, args = _problems(jnp.float32)[name]
   sol = peer_fixed_point(_with_aux(fn, has_aux), init, args, has_aux=has_aux,
                          solver=jaxdeq.Anderson(tol=1e-6, max_steps=10_000,
