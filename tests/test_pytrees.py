@@ -268,3 +268,17 @@ def test_deq_with_a_pytree_state_cell():
   grads = nnx.grad(lambda deq, x: jnp.sum(deq(x)[1] ** 2))(deq, x)
   chex.assert_tree_all_finite(grads)
   assert float(jnp.abs(grads["cell"]["mix"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["iteration", "anderson", "broyden",
+                                  "newton"])
+def test_pytree_state_keeps_float32_and_float64(name, dtype):
+  tol = 1e-5 if dtype == jnp.float32 else 1e-11
+  z0, args = coupled_problem(dtype=dtype)
+  solver = type(SOLVERS[name])(tol, 200)
+  sol = jaxdeq.fixed_point(coupled_map, z0, args, solver=solver)
+  assert {v.dtype for v in sol.value.values()} == {jnp.dtype(dtype)}
+  assert sol.stats.residual.dtype == dtype
+  assert bool(jnp.all(sol.stats.converged))
+  chex.assert_trees_all_close(coupled_map(sol.value, args), sol.value,
+                              atol=10 * tol)

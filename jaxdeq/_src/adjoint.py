@@ -321,7 +321,7 @@ class UnrolledAdjoint(AbstractAdjoint):
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> def z_star(x):
     ...   return jaxdeq.fixed_point(lambda z, x: 0.5 * z + x, jnp.zeros(1), x,
-    ...                             solver=jaxdeq.FixedPointIteration(1e-8, 100),
+    ...                             solver=jaxdeq.FixedPointIteration(1e-6, 100),
     ...                             adjoint=jaxdeq.UnrolledAdjoint()).value
     >>> round(float(jax.grad(lambda x: z_star(x).sum())(jnp.ones(1))[0]), 3)
     2.0

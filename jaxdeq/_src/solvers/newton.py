@@ -53,7 +53,7 @@ class Newton(base.FixedPointSolver):
   Example:
     >>> import jax.numpy as jnp, jaxdeq
     >>> sol = jaxdeq.fixed_point(lambda z, a: jnp.cos(z), jnp.zeros((2, 1)),
-    ...                          None, solver=jaxdeq.Newton(tol=1e-8))
+    ...                          None, solver=jaxdeq.Newton(tol=1e-6))
     >>> int(sol.stats.num_steps) <= 6
     True
   """
