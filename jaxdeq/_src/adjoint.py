@@ -176,21 +176,19 @@ def _implicit_solve_jvp(fn, solver, adjoint, primals, tangents):
   # evaluated, not transposed.
   leaves, treedef = jax.tree.flatten(args)
   dots = jax.tree.leaves(args_dot, is_leaf=_is_symbolic_zero)
-  moving = [tree.is_differentiable(x) and not _is_symbolic_zero(t)
-            for x, t in zip(leaves, dots)]
-  if not any(moving):
+  moving = tree.LeafSplit(treedef, tuple(
+      tree.is_differentiable(x) and not _is_symbolic_zero(t)
+      for x, t in zip(leaves, dots)))
+  if not any(moving.mask):
     return sol, sol._replace(value=jnp.zeros_like(z_star), stats=stats_dot)
-
-  def map_of_moving(moving_leaves):
-    it = iter(moving_leaves)
-    return fn(z_star, jax.tree.unflatten(
-        treedef, [next(it) if m else x for x, m in zip(leaves, moving)]))
+  moving_args, fixed_args = moving.split(args)
+  moving_dots = [t for t, m in zip(dots, moving.mask) if m]
 
   # Linearisations rather than jax.jvp: reverse mode then also works for
   # maps that contain custom_vjp functions (which have no forward mode).
   _, args_jvp = jax.linearize(
-      map_of_moving, [x for x, m in zip(leaves, moving) if m])
-  rhs = args_jvp([t for t, m in zip(dots, moving) if m])
+      lambda a: fn(z_star, moving.merge(a, fixed_args)), moving_args)
+  rhs = args_jvp(moving_dots)
   _, f_jvp = jax.linearize(lambda z: fn(z, args), z_star)
   linear_solver = adjoint.solver or solver
   jacobian = None
@@ -533,11 +531,11 @@ def _phantom(fn, solver, adjoint, z0, args):
 
 def _phantom_fwd(fn, solver, adjoint, z0, args):
   sol = _solve(fn, z0, args, solver)
-  return sol, (sol.value, args, jnp.zeros_like(z0))
+  return sol, (sol.value, args)
 
 
 def _phantom_bwd(fn, solver, adjoint, residuals, cotangent):
-  z_star, args, zeros_z0 = residuals
+  z_star, args = residuals
   diff_args, rebuild = tree.split_differentiable(args)
 
   def phantom_steps(a):
@@ -557,7 +555,9 @@ def _phantom_bwd(fn, solver, adjoint, residuals, cotangent):
   _, vjp, finite = jax.vjp(phantom_steps, diff_args, has_aux=True)
   (cot_args,) = vjp(jnp.where(base.per_sample(finite, z_star),
                               cotangent.value, 0))
-  return zeros_z0, tree.fill_nondifferentiable(args, cot_args)
+  # z* does not depend on z0 (the raveled z0 is shaped like z*).
+  return (jnp.zeros_like(z_star),
+          tree.fill_nondifferentiable(args, cot_args))
 
 
 _phantom.defvjp(_phantom_fwd, _phantom_bwd)

@@ -18,8 +18,6 @@ from jaxdeq._src import tree
 from jaxdeq._src.solvers import anderson
 from jaxdeq._src.solvers import base
 
-_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
 
 def fixed_point(
     f: Callable[[Any, Any], Any],
@@ -149,11 +147,11 @@ def _check_options(f, solver, adjoint, has_aux, throw, batched,
 
 def _as_state(z0: Any) -> Any:
   """z0's leaves as arrays; each must be floating (never the whole tree)."""
-  leaves, treedef = jax.tree.flatten(z0)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(z0)
   if not leaves:
     raise ValueError("fixed_point: z0 has no arrays (an empty pytree)")
   out = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(z0)[0]:
+  for path, leaf in leaves:
     leaf = jnp.asarray(leaf)
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
@@ -191,10 +189,13 @@ def _solve_entry(f, solver, adjoint, has_aux, batched, treedef, static, z0,
     return lambda z, dynamic: fn(z, _merge_args(dynamic, list(static),
                                                 treedef))
 
-  jacobian = getattr(solver, "jacobian", None) or getattr(
-      f, "residual_jacobian", None)
-  if getattr(solver, "jacobian", None) is not None:
+  # A closed form in the solver's config moves into the map, where every
+  # solver (and the implicit adjoint's linear solves) can find it.
+  jacobian = getattr(solver, "jacobian", None)
+  if jacobian is not None:
     solver = dataclasses.replace(solver, jacobian=None)
+  else:
+    jacobian = getattr(f, "residual_jacobian", None)
   return _solve(with_args(f),
                 None if jacobian is None else with_args(jacobian),
                 z0, dynamic, solver, adjoint, has_aux, batched, probe)
@@ -212,7 +213,7 @@ def _solve(f, jacobian, z0, args, solver, adjoint, has_aux, batched, probe):
   if not batched:
     z0 = jax.tree.map(lambda x: x[None], z0)
     f = _batched_map(f, has_aux)
-  batch = _check_batch(z0, batched)
+  batch = _check_batch(z0)
   _check_output(f, z0, args, has_aux, batched)
   _check_tolerance(solver, z0)
 
@@ -276,7 +277,7 @@ def _batched_jacobian(jacobian):
   return batched
 
 
-def _check_batch(z0, batched) -> int:
+def _check_batch(z0) -> int:
   leaves = jax.tree_util.tree_flatten_with_path(z0)[0]
   for path, leaf in leaves:
     if leaf.ndim == 0:
@@ -291,7 +292,6 @@ def _check_batch(z0, batched) -> int:
     raise ValueError(
         "fixed_point: every leaf of a batched z0 needs the same leading"
         f" (batch) axis, got {shapes}")
-  del batched
   return sizes.pop()
 
 
@@ -336,7 +336,7 @@ def _check_tolerance(solver, z0) -> None:
       f"fixed_point: tol={solver.tol:g} is below the resolution of the"
       f" {coarsest} state (eps {eps:.3g}); the residual cannot get there."
       f" Use tol >= {eps:.3g}, or a wider dtype")
-  if coarsest in _HALF:
+  if coarsest in tree.HALF_DTYPES:
     raise ValueError(message)
   if solver.relative:
     warnings.warn(message, stacklevel=4)

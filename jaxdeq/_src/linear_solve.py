@@ -55,31 +55,29 @@ class GMRES:
     residual is relative to ||b|| per sample (0 for b = 0).
     """
     batch = b.shape[0]
-    b_norm = _norm(b)
+    b_norm = jnp.linalg.norm(b, axis=1)
+    safe_b_norm = jnp.where(b_norm > 0, b_norm, 1)
 
-    def relative_residual(x):
-      r = _norm(b - matvec(x))
-      return jnp.where(b_norm > 0, r / jnp.where(b_norm > 0, b_norm, 1), r)
+    def relative(r):
+      norm = jnp.linalg.norm(r, axis=1)
+      return jnp.where(b_norm > 0, norm / safe_b_norm, norm)
 
     def cond(carry):
-      cycle, _, res = carry
-      return (cycle <= self.max_restarts) & jnp.any(~(res <= self.tol))
+      cycle, _, r = carry
+      return (cycle <= self.max_restarts) & jnp.any(~(relative(r) <= self.tol))
 
     def body(carry):
-      cycle, x, _ = carry
-      r = b - matvec(x)
-      # Each cycle's tolerance is relative to its own right-hand side: ask
+      cycle, x, r = carry
+      # Each cycle's tolerance is relative to its own right-hand side r: ask
       # for the overall tolerance against ||b||.
-      scale = jnp.where(b_norm > 0, _norm(r) / jnp.where(b_norm > 0, b_norm, 1),
-                        1)
+      scale = jnp.where(b_norm > 0, relative(r), 1)
       tol = self.tol / jnp.maximum(scale, self.tol)
       x = x + batched_gmres(matvec, r, tol=tol, max_iters=self.krylov_dim)
-      return cycle + 1, x, relative_residual(x)
+      return cycle + 1, x, b - matvec(x)
 
-    x0 = jnp.zeros_like(b)
-    res0 = jnp.where(b_norm > 0, jnp.inf, 0).astype(b.dtype)
-    cycles, x, res = jax.lax.while_loop(
-        cond, body, (jnp.zeros((), jnp.int32), x0, res0))
+    cycles, x, r = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), jnp.zeros_like(b), b))
+    res = relative(r)
     converged = res <= self.tol
     trace = jnp.full((1, batch), jnp.nan, b.dtype).at[0].set(res)
     stats = solution_lib.SolverStats(
@@ -92,10 +90,6 @@ class GMRES:
         best_step=jnp.full((batch,), cycles, jnp.int32),
     )
     return x, stats
-
-
-def _norm(x):
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=1))
 
 
 def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,

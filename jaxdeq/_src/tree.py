@@ -82,7 +82,7 @@ def finite_or_zero(tree: Any) -> Any:
       else x, tree)
 
 
-_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def compute_dtype(dtypes: list) -> jnp.dtype:
@@ -93,7 +93,7 @@ def compute_dtype(dtypes: list) -> jnp.dtype:
   has no bfloat16, and bfloat16 sums of squares lose the residual).
   """
   widest = max((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
-  if widest in _HALF:
+  if widest in HALF_DTYPES:
     return jnp.dtype(jnp.float32)
   return widest
 

@@ -170,8 +170,7 @@ class DEQ(nnx.Module):
     if self.unconverged == "zero":
       converged = sol.stats.converged
       sol = sol._replace(value=jax.tree.map(
-          lambda v: jnp.where(
-              converged.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0),
+          lambda v: jnp.where(base.per_sample(converged, v), v, 0),
           sol.value))
     return sol
 
