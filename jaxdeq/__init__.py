@@ -4,10 +4,14 @@ from jaxdeq._src.adjoint import AbstractAdjoint
 from jaxdeq._src.adjoint import BackwardStats
 from jaxdeq._src.adjoint import backward_probe
 from jaxdeq._src.adjoint import ImplicitAdjoint
+from jaxdeq._src.adjoint import NeumannAdjoint
 from jaxdeq._src.adjoint import PhantomAdjoint
+from jaxdeq._src.adjoint import SHINEAdjoint
 from jaxdeq._src.adjoint import UnrolledAdjoint
 from jaxdeq._src.fixed_point import fixed_point
 from jaxdeq._src.linear_solve import GMRES
+from jaxdeq._src.regularizers import jacobian_penalty
+from jaxdeq._src.regularizers import spectral_radius
 from jaxdeq._src.solution import catch_failures
 from jaxdeq._src.solution import FixedPointError
 from jaxdeq._src.solution import Solution
@@ -41,11 +45,15 @@ __all__ = (
     "fixed_point",
     "GMRES",
     "ImplicitAdjoint",
+    "jacobian_penalty",
+    "NeumannAdjoint",
     "Newton",
     "NewtonState",
     "PhantomAdjoint",
+    "SHINEAdjoint",
     "Solution",
     "SolverStats",
+    "spectral_radius",
     "Status",
     "UnrolledAdjoint",
 )

@@ -76,16 +76,44 @@ class AbstractAdjoint:
   """
 
   def solve(self, fn: base.Map, z0: jax.Array, args: Any,
-            solver: base.FixedPointSolver) -> solution_lib.Solution:
+            solver: base.FixedPointSolver, *,
+            budget: Optional[jax.Array] = None,
+            record_steps: tuple[int, ...] = ()) -> solution_lib.Solution:
+    """Solves from `z0`; `budget` (traced int) caps the steps below
+    `solver.max_steps`; `record_steps` fills `Solution.states` (without
+    gradients: `at_state` gives them theirs)."""
     raise NotImplementedError
 
+  def at_state(self, fn: base.Map, z: jax.Array, args: Any,
+               solver: base.FixedPointSolver) -> jax.Array:
+    """`z` itself, differentiated as if it were the fixed point.
 
-def _solve(fn, z0, args, solver):
-  return loop.solve(fn, z0, args, solver)[0]
+    Fixed-point correction supervises intermediate iterates with the
+    adjoint's own rule applied at each of them.
+    """
+    return self.solve(fn, z, args, _stopped(solver)).value
+
+
+def _stopped(solver: base.FixedPointSolver) -> base.FixedPointSolver:
+  """The solver with every sample done at its start: the solve returns z0."""
+  return dataclasses.replace(solver, tol=float("inf"))
+
+
+def _solve(fn, z0, args, solver, budget=None, record_steps=()):
+  return loop.solve(fn, z0, args, solver, budget=budget,
+                    record_steps=record_steps)[0]
 
 
 def _zero_stats_tangent(stats: solution_lib.SolverStats):
   return jax.tree.map(tree.zero_tangent, stats)
+
+
+def _tangent(sol: solution_lib.Solution, value_dot: jax.Array):
+  """The Solution's tangent: `value_dot`, nothing on stats and states."""
+  states = (None if sol.states is None else
+            tuple(jnp.zeros_like(s) for s in sol.states))
+  return sol._replace(value=value_dot, stats=_zero_stats_tangent(sol.stats),
+                      states=states)
 
 
 # ---------------------------------------------------------------- implicit ---
@@ -141,12 +169,21 @@ class ImplicitAdjoint(AbstractAdjoint):
       raise TypeError(f"ImplicitAdjoint: throw must be a bool, got"
                       f" {self.throw!r}")
 
-  def solve(self, fn, z0, args, solver):
-    return _implicit_solve(fn, solver, self, z0, args, None)
+  def solve(self, fn, z0, args, solver, *, budget=None, record_steps=()):
+    return _implicit_solve(fn, solver, self, record_steps, z0, args, None,
+                           budget)
+
+  def at_state(self, fn, z, args, solver):
+    # The backward solves with the forward solver's settings, not the
+    # stopped solver's.
+    adjoint = dataclasses.replace(self, solver=self.solver or solver)
+    return _implicit_solve(fn, _stopped(solver), adjoint, (), z, args, None,
+                           None).value
 
   def solve_with_probe(self, fn: base.Map, z0: jax.Array, args: Any,
                        solver: base.FixedPointSolver,
-                       probe: jax.Array) -> solution_lib.Solution:
+                       probe: jax.Array, *, budget=None,
+                       record_steps=()) -> solution_lib.Solution:
     """`solve`, and the reverse-mode cotangent of `probe` is `BackwardStats`.
 
     The probe enters the tangent system as an identity block whose transpose
@@ -154,22 +191,24 @@ class ImplicitAdjoint(AbstractAdjoint):
     leaves a jitted backward pass without host callbacks (first-order
     reverse mode only; forward mode ignores it).
     """
-    return _implicit_solve(fn, solver, self, z0, args, probe)
+    return _implicit_solve(fn, solver, self, record_steps, z0, args, probe,
+                           budget)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _implicit_solve(fn, solver, adjoint, z0, args, probe):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _implicit_solve(fn, solver, adjoint, record_steps, z0, args, probe,
+                    budget):
   del adjoint, probe
-  return _solve(fn, z0, args, solver)
+  return _solve(fn, z0, args, solver, budget, record_steps)
 
 
-def _implicit_solve_jvp(fn, solver, adjoint, primals, tangents):
-  z0, args, probe = primals
-  _, args_dot, probe_dot = tangents
+def _implicit_solve_jvp(fn, solver, adjoint, record_steps, primals, tangents):
+  z0, args, probe, budget = primals
+  _, args_dot, probe_dot, _ = tangents
   # Calling the custom_jvp function itself keeps the rule differentiable:
   # second derivatives go through this rule again, never through the loop.
-  sol = _implicit_solve(fn, solver, adjoint, z0, args, probe)
-  stats_dot = _zero_stats_tangent(sol.stats)
+  sol = _implicit_solve(fn, solver, adjoint, record_steps, z0, args, probe,
+                        budget)
   z_star = sol.value
   # Only the args that carry a tangent are linearised: a known zero tangent
   # pushed through a map with custom_vjp parts (no forward mode) would be
@@ -180,7 +219,7 @@ def _implicit_solve_jvp(fn, solver, adjoint, primals, tangents):
       tree.is_differentiable(x) and not _is_symbolic_zero(t)
       for x, t in zip(leaves, dots)))
   if not any(moving.mask):
-    return sol, sol._replace(value=jnp.zeros_like(z_star), stats=stats_dot)
+    return sol, _tangent(sol, jnp.zeros_like(z_star))
   moving_args, fixed_args = moving.split(args)
   moving_dots = [t for t, m in zip(dots, moving.mask) if m]
 
@@ -209,10 +248,10 @@ def _implicit_solve_jvp(fn, solver, adjoint, primals, tangents):
     value_dot = jax.lax.custom_linear_solve(
         matvec, rhs, forward_solve,
         lambda vecmat, cotangent: backward_solve(vecmat, cotangent)[0])
-    return sol, sol._replace(value=value_dot, stats=stats_dot)
+    return sol, _tangent(sol, value_dot)
   value_dot = _solve_with_probe(matvec, rhs, probe_dot, forward_solve,
                                 backward_solve)
-  return sol, sol._replace(value=value_dot, stats=stats_dot)
+  return sol, _tangent(sol, value_dot)
 
 
 def _solve_with_probe(matvec, rhs, probe_dot, forward_solve, backward_solve):
@@ -265,18 +304,20 @@ def _is_symbolic_zero(x) -> bool:
   return isinstance(x, jax.custom_derivatives.SymbolicZero)
 
 
-def _linear_solve(linear_solver, operator, rhs, jacobian):
+def _linear_solve(linear_solver, operator, rhs, jacobian, x0=None):
   """x with operator(x) = rhs, where operator = I - A; and its stats.
 
-  A fixed-point solver iterates x <- A x + rhs (Newton with the closed form
-  `jacobian` of I - A when given); GMRES works on the operator directly.
+  A fixed-point solver iterates x <- A x + rhs from `x0` (default 0; Newton
+  with the closed form `jacobian` of I - A when given); GMRES works on the
+  operator directly.
   """
   if isinstance(linear_solver, linear_solve.GMRES):
     return linear_solver.solve(operator, rhs)
   linear_map = base.Map(
       lambda x, b: x - operator(x) + b,
       None if jacobian is None else lambda x, b: jacobian)
-  sol = _solve(linear_map, jnp.zeros_like(rhs), rhs, linear_solver)
+  x0 = jnp.zeros_like(rhs) if x0 is None else x0
+  sol = _solve(linear_map, x0, rhs, linear_solver)
   return sol.value, sol.stats
 
 
@@ -325,18 +366,27 @@ class UnrolledAdjoint(AbstractAdjoint):
     2.0
   """
 
-  def solve(self, fn, z0, args, solver):
-    return _unrolled(fn, solver, z0, args)
+  def solve(self, fn, z0, args, solver, *, budget=None, record_steps=()):
+    return _unrolled(fn, solver, record_steps, z0, args, budget)
+
+  def at_state(self, fn, z, args, solver):
+    raise ValueError(
+        "UnrolledAdjoint has no gradient at an intermediate iterate (it"
+        " differentiates the whole trajectory); fixed-point correction"
+        " (record_steps) needs ImplicitAdjoint, PhantomAdjoint or"
+        " NeumannAdjoint")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _unrolled(fn, solver, z0, args):
-  return _solve(fn, z0, args, solver)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _unrolled(fn, solver, record_steps, z0, args, budget):
+  return _solve(fn, z0, args, solver, budget, record_steps)
 
 
-def _unrolled_fwd(fn, solver, z0, args):
+def _unrolled_fwd(fn, solver, record_steps, z0, args, budget):
   every = loop.checkpoint_interval(solver.max_steps)
-  sol, checkpoints = loop.solve(fn, z0, args, solver, checkpoint_every=every)
+  sol, checkpoints, _ = loop.solve(fn, z0, args, solver,
+                                   checkpoint_every=every, budget=budget,
+                                   record_steps=record_steps)
   stats = sol.stats
   return sol, (checkpoints, stats.num_steps, stats.sample_steps,
                stats.best_step, z0, args)
@@ -373,7 +423,7 @@ def _replayed_step(fn, solver, rebuild, states, sample_steps, diff_args):
   return traced_step
 
 
-def _unrolled_bwd(fn, solver, residuals, cotangent):
+def _unrolled_bwd(fn, solver, record_steps, residuals, cotangent):
   """Reverse sweep through the solver's steps, segment by segment.
 
   Only the iterate's own update is differentiated: z <- step(z, f(z)) with
@@ -413,7 +463,7 @@ def _unrolled_bwd(fn, solver, residuals, cotangent):
   _, vjp_init = jax.vjp(start, z0, diff_args)
   cot_z0, cot_init_args = vjp_init((cot_z, cot_fz, cot_state))
   cot_args = jax.tree.map(jnp.add, cot_args, cot_init_args)
-  return cot_z0, tree.fill_nondifferentiable(args, cot_args)
+  return cot_z0, tree.fill_nondifferentiable(args, cot_args), None
 
 
 def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
@@ -480,11 +530,67 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
 _unrolled.defvjp(_unrolled_fwd, _unrolled_bwd)
 
 
-# ----------------------------------------------------------------- phantom ---
+# ------------------------------------------- backwards that skip the solve ---
+
+
+class _CheapAdjoint(AbstractAdjoint):
+  """An adjoint whose backward is a bounded amount of work at z*.
+
+  Subclasses define `args_cotangent(fn, solver, z_star, solver_state,
+  diff_args, rebuild, cotangent)`: the cotangent of the differentiable args
+  given the cotangent of z*.
+  """
+
+  needs_solver_state = False
+
+  def solve(self, fn, z0, args, solver, *, budget=None, record_steps=()):
+    return _cheap(fn, solver, self, record_steps, z0, args, budget)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _cheap(fn, solver, adjoint, record_steps, z0, args, budget):
+  del adjoint
+  return _solve(fn, z0, args, solver, budget, record_steps)
+
+
+def _cheap_fwd(fn, solver, adjoint, record_steps, z0, args, budget):
+  sol, _, final = loop.solve(fn, z0, args, solver, budget=budget,
+                             record_steps=record_steps)
+  kept_state = final.solver_state if adjoint.needs_solver_state else None
+  return sol, (sol.value, kept_state, args)
+
+
+def _cheap_bwd(fn, solver, adjoint, record_steps, residuals, cotangent):
+  del record_steps
+  z_star, solver_state, args = residuals
+  diff_args, rebuild = tree.split_differentiable(args)
+  cot_args = adjoint.args_cotangent(fn, solver, z_star, solver_state,
+                                    diff_args, rebuild, cotangent.value)
+  # z* does not depend on z0 (the raveled z0 is shaped like z*).
+  return (jnp.zeros_like(z_star), tree.fill_nondifferentiable(args, cot_args),
+          None)
+
+
+_cheap.defvjp(_cheap_fwd, _cheap_bwd)
+
+
+def _state_vjp(fn, z_star, args):
+  """v -> v df/dz at z*, with non-finite values zeroed first."""
+  _, vjp = jax.vjp(lambda z: fn(z, args), tree.finite_or_zero(z_star))
+  return lambda v: vjp(v)[0]
+
+
+def _pull_to_args(fn, z_star, diff_args, rebuild, u):
+  """u df/dargs at z*; a sample whose u is not finite adds zero."""
+  finite = jnp.all(jnp.isfinite(u), axis=1)
+  u = jnp.where(base.per_sample(finite, u), u, 0)
+  _, vjp = jax.vjp(lambda a: fn(tree.finite_or_zero(z_star), rebuild(a)),
+                   diff_args)
+  return vjp(u)[0]
 
 
 @dataclasses.dataclass(frozen=True)
-class PhantomAdjoint(AbstractAdjoint):
+class PhantomAdjoint(_CheapAdjoint):
   """Phantom gradient: backprop through `steps` damped steps from z*.
 
   The value is z* exactly; its gradient is that of k steps
@@ -514,50 +620,158 @@ class PhantomAdjoint(AbstractAdjoint):
 
   def __post_init__(self):
     base.check_int(self, "steps", minimum=1)
-    base.check_number(self, "damping", positive=True)
-    if self.damping > 1:
-      raise ValueError(
-          f"PhantomAdjoint: damping must be in (0, 1], got {self.damping}")
+    _check_damping(self)
 
-  def solve(self, fn, z0, args, solver):
-    return _phantom(fn, solver, self, z0, args)
+  def args_cotangent(self, fn, solver, z_star, solver_state, diff_args,
+                     rebuild, cotangent):
+    def phantom_steps(a):
+      def damped_step(_, carry):
+        z, finite = carry
+        finite &= jnp.all(jnp.isfinite(z), axis=1)
+        z = tree.finite_or_zero(z)
+        return z + self.damping * (fn(z, rebuild(a)) - z), finite
 
+      finite = jnp.ones(z_star.shape[:1], bool)
+      z, finite = jax.lax.fori_loop(0, self.steps, damped_step,
+                                    (z_star, finite))
+      return z, finite & jnp.all(jnp.isfinite(z), axis=1)
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _phantom(fn, solver, adjoint, z0, args):
-  del adjoint
-  return _solve(fn, z0, args, solver)
-
-
-def _phantom_fwd(fn, solver, adjoint, z0, args):
-  sol = _solve(fn, z0, args, solver)
-  return sol, (sol.value, args)
-
-
-def _phantom_bwd(fn, solver, adjoint, residuals, cotangent):
-  z_star, args = residuals
-  diff_args, rebuild = tree.split_differentiable(args)
-
-  def phantom_steps(a):
-    def damped_step(_, carry):
-      z, finite = carry
-      finite &= jnp.all(jnp.isfinite(z), axis=1)
-      z = tree.finite_or_zero(z)
-      return z + adjoint.damping * (fn(z, rebuild(a)) - z), finite
-
-    finite = jnp.ones(z_star.shape[:1], bool)
-    z, finite = jax.lax.fori_loop(0, adjoint.steps, damped_step,
-                                  (z_star, finite))
-    return z, finite & jnp.all(jnp.isfinite(z), axis=1)
-
-  # A sample whose phantom steps overflowed gets zero cotangent; the steps
-  # zero its non-finite values, so 0 * inf cannot reach shared gradients.
-  _, vjp, finite = jax.vjp(phantom_steps, diff_args, has_aux=True)
-  (cot_args,) = vjp(jnp.where(base.per_sample(finite, z_star),
-                              cotangent.value, 0))
-  # z* does not depend on z0 (the raveled z0 is shaped like z*).
-  return (jnp.zeros_like(z_star),
-          tree.fill_nondifferentiable(args, cot_args))
+    # A sample whose phantom steps overflowed gets zero cotangent; the steps
+    # zero its non-finite values, so 0 * inf cannot reach shared gradients.
+    _, vjp, finite = jax.vjp(phantom_steps, diff_args, has_aux=True)
+    return vjp(jnp.where(base.per_sample(finite, z_star), cotangent, 0))[0]
 
 
-_phantom.defvjp(_phantom_fwd, _phantom_bwd)
+@dataclasses.dataclass(frozen=True)
+class NeumannAdjoint(_CheapAdjoint):
+  """Neumann-series phantom gradient: the implicit backward, truncated.
+
+  The implicit backward solves u = u J + g with J = df/dz at z*. Written for
+  the damped map h(z) = (1 - damping) z + damping f(z) (same fixed point,
+  Jacobian J_h = (1 - damping) I + damping J), its solution is
+  u = damping * g * sum_k J_h^k; this adjoint keeps the first `terms`
+  terms (Geng et al., 2021). Cost: `terms` VJPs of f at z*, no solve and
+  no stored trajectory; exact for a map whose J_h^terms vanishes, close to
+  the implicit gradient when J_h contracts fast. A sample whose series
+  overflows adds zero gradient. Reverse mode only.
+
+  Attributes:
+    terms: terms of the series (>= 1); `terms=1` is damping * g df/dargs.
+    damping: in (0, 1].
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxdeq
+    >>> def z_star(x):
+    ...   return jaxdeq.fixed_point(lambda z, x: 0.5 * z + x, jnp.zeros(1), x,
+    ...                             adjoint=jaxdeq.NeumannAdjoint(terms=30)
+    ...                             ).value
+    >>> round(float(jax.grad(lambda x: z_star(x).sum())(jnp.ones(1))[0]), 3)
+    2.0
+  """
+
+  terms: int = 8
+  damping: float = 1.0
+
+  def __post_init__(self):
+    base.check_int(self, "terms", minimum=1)
+    _check_damping(self)
+
+  def args_cotangent(self, fn, solver, z_star, solver_state, diff_args,
+                     rebuild, cotangent):
+    vjp = _state_vjp(fn, z_star, rebuild(diff_args))
+
+    def term(_, carry):
+      power, total = carry  # power = g J_h^k
+      power = (1 - self.damping) * power + self.damping * vjp(power)
+      return power, total + power
+
+    _, total = jax.lax.fori_loop(0, self.terms - 1, term,
+                                 (cotangent, cotangent))
+    return _pull_to_args(fn, z_star, diff_args, rebuild,
+                         self.damping * total)
+
+
+@dataclasses.dataclass(frozen=True)
+class SHINEAdjoint(_CheapAdjoint):
+  """SHINE: the backward reuses the forward Broyden's inverse estimate.
+
+  Broyden ends its solve with H ~ (J - I)^-1, the inverse Jacobian of
+  g(z) = f(z) - z at z*; the implicit backward's u = g (I - J)^-1 is then
+  approximately -g H, one low-rank product (Ramzi et al., 2022, "SHINE:
+  SHaring the INverse Estimate from the forward pass"). Each sample's
+  estimate is checked with one VJP: where the relative residual
+  ||u - u J - g|| / ||g|| exceeds `fallback_tol`, the backward is solved
+  as `ImplicitAdjoint` would, started from the SHINE estimate (samples
+  whose estimate is good enough finish at once). Needs `Broyden` as the
+  forward solver. Reverse mode only.
+
+  Attributes:
+    fallback_tol: relative residual above which a sample's estimate is
+      refined by the backward solve (inf: never refine).
+    solver: solver of the fallback backward (default: the forward solver).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxdeq
+    >>> def z_star(x):
+    ...   return jaxdeq.fixed_point(lambda z, x: 0.5 * jnp.tanh(z) + x,
+    ...                             jnp.zeros((2, 3)), x,
+    ...                             solver=jaxdeq.Broyden(tol=1e-6),
+    ...                             adjoint=jaxdeq.SHINEAdjoint()).value
+    >>> g = jax.grad(lambda x: z_star(x).sum())(jnp.ones((2, 3)))
+    >>> g.shape
+    (2, 3)
+  """
+
+  fallback_tol: float = 0.1
+  solver: Optional[base.FixedPointSolver] = None
+  needs_solver_state = True
+
+  def __post_init__(self):
+    base.check_number(self, "fallback_tol", positive=True)
+    if self.solver is not None and not isinstance(self.solver,
+                                                  base.FixedPointSolver):
+      raise TypeError(f"SHINEAdjoint: solver must be a jaxdeq solver, got"
+                      f" {self.solver!r}")
+
+  def solve(self, fn, z0, args, solver, *, budget=None, record_steps=()):
+    from jaxdeq._src.solvers import broyden
+
+    if not isinstance(solver, broyden.Broyden):
+      raise TypeError(
+          "SHINEAdjoint reuses Broyden's inverse-Jacobian estimate: the"
+          f" forward solver must be jaxdeq.Broyden, got {type(solver).__name__}")
+    return _cheap(fn, solver, self, record_steps, z0, args, budget)
+
+  def at_state(self, fn, z, args, solver):
+    # An intermediate iterate has no matching inverse estimate.
+    return ImplicitAdjoint(solver=self.solver).at_state(fn, z, args, solver)
+
+  def args_cotangent(self, fn, solver, z_star, solver_state, diff_args,
+                     rebuild, cotangent):
+    from jaxdeq._src.solvers import broyden
+
+    vjp = _state_vjp(fn, z_star, rebuild(diff_args))
+    estimate = -broyden.inverse_rmatvec(solver_state, cotangent)
+
+    def relative_residual(u):
+      error = jnp.linalg.norm(u - vjp(u) - cotangent, axis=1)
+      scale = jnp.linalg.norm(cotangent, axis=1)
+      return error / jnp.where(scale > 0, scale, 1)
+
+    poor = ~(relative_residual(estimate) <= self.fallback_tol)
+    linear_solver = self.solver or solver
+
+    def refine(u0):
+      u, _ = _linear_solve(linear_solver, lambda v: v - vjp(v), cotangent,
+                           None, x0=u0)
+      return jnp.where(base.per_sample(poor, u), u, u0)
+
+    u = jax.lax.cond(jnp.any(poor), refine, lambda u0: u0, estimate)
+    return _pull_to_args(fn, z_star, diff_args, rebuild, u)
+
+
+def _check_damping(adjoint) -> None:
+  base.check_number(adjoint, "damping", positive=True)
+  if adjoint.damping > 1:
+    raise ValueError(f"{type(adjoint).__name__}: damping must be in (0, 1],"
+                     f" got {adjoint.damping}")

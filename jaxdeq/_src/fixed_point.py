@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,8 @@ def fixed_point(
     throw: bool = False,
     batched: bool = True,
     backward_probe: Optional[jax.Array] = None,
+    max_steps: Union[int, jax.Array, None] = None,
+    record_steps: Sequence[int] = (),
 ) -> solution_lib.Solution:
   """Finds z* = f(z*, args), differentiable in `args` and closed-over arrays.
 
@@ -63,9 +65,30 @@ def fixed_point(
       axis).
     backward_probe: optional `backward_probe()` (implicit adjoint only); the
       gradient with respect to it carries the backward's `BackwardStats`.
+    max_steps: a step budget below `solver.max_steps`, which stays the
+      static cap: an int or a traced int scalar (clipped to [0, cap]), so
+      that a jitted caller can change it without recompiling (test-time
+      compute). Default: the cap.
+    record_steps: step counts k1 < k2 < ... for fixed-point correction:
+      `Solution.states` then holds one state per k, each differentiable
+      through the adjoint's rule applied at it (see the table below).
+
+  Which iterate each returned state is, per sample (a sample stops moving
+  once it converges or goes non-finite):
+
+  ===================  =================================  ==================
+  returned             iterate                            gradient
+  ===================  =================================  ==================
+  `value`              the best iterate (lowest residual  the adjoint's
+                       seen, usually the last)
+  `states[i]`          the trajectory's iterate after     the adjoint's
+                       min(record_steps[i], steps taken)  rule at that
+                       steps (not the best one)           iterate
+  ===================  =================================  ==================
 
   Returns:
-    A `Solution`: `value` (the best iterate found), `stats` and `aux`.
+    A `Solution`: `value` (the best iterate found), `stats`, `aux` and
+    `states`.
 
   Raises:
     TypeError: a bad solver, adjoint, flag or non-floating state.
@@ -93,25 +116,34 @@ def fixed_point(
     >>> bool(jnp.allclose(dz_dw, jax.grad(lambda w: state(w)[0, 0])(w),
     ...                   rtol=1e-3))
     True
+
+    A run-time step budget and two supervised intermediate iterates:
+
+    >>> sol = jaxdeq.fixed_point(lambda z, x: 0.5 * jnp.tanh(z) + x,
+    ...                          jnp.zeros((2, 3)), jnp.ones((2, 3)),
+    ...                          max_steps=jnp.asarray(4), record_steps=(1, 2))
+    >>> int(sol.stats.num_steps), len(sol.states)
+    (4, 2)
   """
   solver = anderson.Anderson() if solver is None else solver
   adjoint = adjoint_lib.ImplicitAdjoint() if adjoint is None else adjoint
   _check_options(f, solver, adjoint, has_aux, throw, batched, backward_probe)
+  budget = _check_budget(max_steps, solver)
+  record_steps = _check_record_steps(record_steps, adjoint)
   z0 = _as_state(z0)
   if backward_probe is not None:
     backward_probe = jnp.asarray(backward_probe)
 
   dynamic, static, treedef = _partition_args(args)
-  key = (f, solver, adjoint, has_aux, batched, treedef, tuple(static))
+  key = (f, solver, adjoint, has_aux, batched, record_steps, treedef,
+         tuple(static))
   try:
     hash(key)
   except TypeError:  # unhashable static parts: run without the jit cache
-    run = functools.partial(_solve_entry, f, solver, adjoint, has_aux,
-                            batched, treedef, tuple(static))
+    run = functools.partial(_solve_entry, *key)
   else:
-    run = functools.partial(_jitted_entry, f, solver, adjoint, has_aux,
-                            batched, treedef, tuple(static))
-  sol = run(z0, dynamic, backward_probe)
+    run = functools.partial(_jitted_entry, *key)
+  sol = run(z0, dynamic, backward_probe, budget)
   if throw:
     solution_lib.raise_if_failed(sol.stats.status, sol.stats.residual,
                                  solver.tol, "forward")
@@ -143,6 +175,44 @@ def _check_options(f, solver, adjoint, has_aux, throw, batched,
       raise ValueError(
           "fixed_point: backward_probe must be jaxdeq.backward_probe(), shape"
           f" (3,), got shape {jnp.shape(backward_probe)}")
+
+
+def _check_budget(max_steps, solver) -> Optional[jax.Array]:
+  if max_steps is None:
+    return None
+  if isinstance(max_steps, bool):
+    raise TypeError(f"fixed_point: max_steps must be an int, got {max_steps!r}")
+  if isinstance(max_steps, int):
+    if not 0 <= max_steps <= solver.max_steps:
+      raise ValueError(
+          f"fixed_point: max_steps={max_steps} must be in [0,"
+          f" solver.max_steps={solver.max_steps}] (the solver's max_steps is"
+          " the static cap; raise it to allow more)")
+    return jnp.asarray(max_steps, jnp.int32)
+  budget = jnp.asarray(max_steps)
+  if budget.shape != () or not jnp.issubdtype(budget.dtype, jnp.integer):
+    raise TypeError(
+        "fixed_point: max_steps must be an int or an integer scalar array,"
+        f" got {budget.dtype} of shape {budget.shape}")
+  return budget.astype(jnp.int32)
+
+
+def _check_record_steps(record_steps, adjoint) -> tuple[int, ...]:
+  steps = tuple(record_steps)
+  for k in steps:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+      raise ValueError(
+          "fixed_point: record_steps must be non-negative ints, got"
+          f" {record_steps!r}")
+  if list(steps) != sorted(set(steps)):
+    raise ValueError(
+        f"fixed_point: record_steps must increase strictly, got {steps}")
+  if steps and isinstance(adjoint, adjoint_lib.UnrolledAdjoint):
+    raise ValueError(
+        "fixed_point: record_steps (fixed-point correction) needs an adjoint"
+        " with a gradient at any iterate (ImplicitAdjoint, PhantomAdjoint,"
+        " NeumannAdjoint, SHINEAdjoint), not UnrolledAdjoint")
+  return tuple(int(k) for k in steps)
 
 
 def _as_state(z0: Any) -> Any:
@@ -181,8 +251,8 @@ def _merge_args(dynamic, static, treedef):
       treedef, [next(it) if s is None else s for s in static])
 
 
-def _solve_entry(f, solver, adjoint, has_aux, batched, treedef, static, z0,
-                 dynamic, probe):
+def _solve_entry(f, solver, adjoint, has_aux, batched, record_steps, treedef,
+                 static, z0, dynamic, probe, budget):
   """Solves on the array leaves of args; the static leaves are baked in."""
 
   def with_args(fn):
@@ -198,13 +268,15 @@ def _solve_entry(f, solver, adjoint, has_aux, batched, treedef, static, z0,
     jacobian = getattr(f, "residual_jacobian", None)
   return _solve(with_args(f),
                 None if jacobian is None else with_args(jacobian),
-                z0, dynamic, solver, adjoint, has_aux, batched, probe)
+                z0, dynamic, solver, adjoint, has_aux, batched, probe, budget,
+                record_steps)
 
 
-_jitted_entry = jax.jit(_solve_entry, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+_jitted_entry = jax.jit(_solve_entry, static_argnums=tuple(range(8)))
 
 
-def _solve(f, jacobian, z0, args, solver, adjoint, has_aux, batched, probe):
+def _solve(f, jacobian, z0, args, solver, adjoint, has_aux, batched, probe,
+           budget, record_steps):
   """The traced body of `fixed_point`: checks, ravel, closure-convert, solve.
 
   `args` holds only arrays here; `jacobian` is the closed form of the
@@ -238,23 +310,35 @@ def _solve(f, jacobian, z0, args, solver, adjoint, has_aux, batched, probe):
   all_args = (args, list(f_consts), list(jac_consts))
   flat_z0 = raveller.ravel(z0)
 
+  options = dict(budget=budget, record_steps=record_steps)
   if batch == 0:
     sol = loop.empty_solution(flat_z0, solver)
+    if record_steps:
+      sol = sol._replace(states=(flat_z0,) * len(record_steps))
   elif probe is not None:
-    sol = adjoint.solve_with_probe(problem, flat_z0, all_args, solver, probe)
+    sol = adjoint.solve_with_probe(problem, flat_z0, all_args, solver, probe,
+                                   **options)
   else:
-    sol = adjoint.solve(problem, flat_z0, all_args, solver)
+    sol = adjoint.solve(problem, flat_z0, all_args, solver, **options)
   value = raveller.unravel(sol.value)
   aux = f_converted(value, args, *f_consts)[1] if has_aux else None
+  states = None
+  if record_steps:
+    states = tuple(
+        raveller.unravel(s if batch == 0 else adjoint.at_state(
+            problem, jax.lax.stop_gradient(s), all_args, solver))
+        for s in sol.states)
   if not batched:
-    value = jax.tree.map(lambda x: x[0], value)
+    unbatch = lambda tree_: jax.tree.map(lambda x: x[0], tree_)
     stats = sol.stats
     stats = stats._replace(
         residual=stats.residual[0], converged=stats.converged[0],
         trace=stats.trace[:, 0], sample_steps=stats.sample_steps[0],
         best_step=stats.best_step[0])
-    return solution_lib.Solution(value, stats, aux)
-  return solution_lib.Solution(value, sol.stats, aux)
+    return solution_lib.Solution(
+        unbatch(value), stats, aux,
+        None if states is None else tuple(unbatch(s) for s in states))
+  return solution_lib.Solution(value, sol.stats, aux, states)
 
 
 def _batched_map(f, has_aux):

@@ -137,11 +137,14 @@ class _Carry(NamedTuple):
   iterate: Iterate
   trace: jax.Array
   checkpoints: Optional[Iterate]
+  recorded: Optional[jax.Array]
 
 
 def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
-          checkpoint_every: Optional[int] = None
-          ) -> tuple[solution_lib.Solution, Optional[Iterate]]:
+          checkpoint_every: Optional[int] = None,
+          budget: Optional[jax.Array] = None,
+          record_steps: tuple[int, ...] = (),
+          ) -> tuple[solution_lib.Solution, Optional[Iterate], Iterate]:
   """Runs `solver` on `f` from `z0` until every sample is done or max_steps.
 
   Args:
@@ -153,11 +156,20 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
     checkpoint_every: if set, the iterate before every step whose index is a
       multiple of it is stored (for `UnrolledAdjoint`'s replay); the buffer
       holds ceil(max_steps / checkpoint_every) iterates.
+    budget: optional () int traced step budget; the loop stops after
+      min(budget, solver.max_steps) steps. `solver.max_steps` stays the
+      static cap that sizes the buffers, so a new budget needs no retrace.
+    record_steps: step counts k at which to keep each sample's iterate
+      (`Solution.states`): the iterate after min(k, steps the sample took)
+      steps of its own trajectory.
 
   Returns:
-    The `Solution` and the checkpoint buffer (None without checkpointing).
+    The `Solution`, the checkpoint buffer (None without checkpointing) and
+    the final `Iterate` (its `solver_state` is the solver's last state).
   """
   max_steps = solver.max_steps
+  limit = (max_steps if budget is None else
+           jnp.clip(jnp.asarray(budget, jnp.int32), 0, max_steps))
   it0 = init_iterate(f, solver, z0, args)
   rows = trace_length(max_steps)
   trace = jnp.full((rows, z0.shape[0]), jnp.nan, it0.residual.dtype)
@@ -166,11 +178,16 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
     checkpoints = _allocate_checkpoints(
         it0, -(-max_steps // checkpoint_every))
 
+  recorded = None
+  if record_steps:
+    recorded = jnp.broadcast_to(z0, (len(record_steps),) + z0.shape)
+  record_at = jnp.asarray(record_steps, jnp.int32)
+
   def cond(carry: _Carry):
-    return (carry.step < max_steps) & ~jnp.all(carry.iterate.done)
+    return (carry.step < limit) & ~jnp.all(carry.iterate.done)
 
   def body(carry: _Carry) -> _Carry:
-    step, it, trace, checkpoints = carry
+    step, it, trace, checkpoints, recorded = carry
     if checkpoints is not None:
       checkpoints = jax.lax.cond(
           step % checkpoint_every == 0,
@@ -184,10 +201,17 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
       kept = jax.lax.dynamic_index_in_dim(trace, row, 0, keepdims=False)
       trace = jax.lax.dynamic_update_index_in_dim(
           trace, jnp.where(step < rows, it.residual, kept), row, 0)
-    return _Carry(step + 1, it, trace, checkpoints)
+    if recorded is not None:
+      # Records not reached yet follow the iterate; a frozen (done) sample's
+      # iterate no longer moves, so each record ends as the iterate after
+      # min(k, sample_steps) steps.
+      pending = (step + 1 <= record_at)[:, None, None]
+      recorded = jnp.where(pending, it.z[None], recorded)
+    return _Carry(step + 1, it, trace, checkpoints, recorded)
 
   final = jax.lax.while_loop(
-      cond, body, _Carry(jnp.zeros((), jnp.int32), it0, trace, checkpoints))
+      cond, body,
+      _Carry(jnp.zeros((), jnp.int32), it0, trace, checkpoints, recorded))
   it = final.iterate
   converged = it.best_residual <= solver.tol
   stats = solution_lib.SolverStats(
@@ -199,7 +223,10 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
       sample_steps=it.sample_steps,
       best_step=it.best_step,
   )
-  return solution_lib.Solution(it.best_z, stats), final.checkpoints
+  sol = solution_lib.Solution(it.best_z, stats)
+  if recorded is not None:
+    sol = sol._replace(states=tuple(final.recorded))
+  return sol, final.checkpoints, it
 
 
 def empty_solution(z0: jax.Array,

@@ -74,11 +74,16 @@ class Solution(NamedTuple):
     value: the fixed point z*, same structure, shapes and dtypes as `z0`.
     stats: a `SolverStats` of the forward solve.
     aux: with `has_aux=True`, f's auxiliary output at `value`; else None.
+    states: with `fixed_point(..., record_steps=ks)`, one state per k in
+      `ks`: the iterate after min(k, steps the sample took) steps, each
+      differentiable through the adjoint's rule applied at it (fixed-point
+      correction); else None.
   """
 
   value: Any
   stats: SolverStats
   aux: Any = None
+  states: Any = None
 
 
 class FixedPointError(RuntimeError):

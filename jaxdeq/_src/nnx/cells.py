@@ -139,3 +139,117 @@ def group_norm(x: jax.Array, norm: nnx.GroupNorm) -> jax.Array:
   shift = (norm.bias[...].astype(x.dtype)[None]
            - jnp.repeat(mean, per_group, axis=1) * scale)
   return x * scale[:, None, None, :] + shift[:, None, None, :]
+
+
+class MultiscaleCell(nnx.Module):
+  """An MDEQ-style multi-resolution cell; its state is a tuple of maps.
+
+  Branch i works at 1/2^i of the input resolution with `channels[i]`
+  channels (MDEQ-small: (24, 48)). Each step runs one block per branch,
+  GN(relu(GN(x_i + conv(relu(GN(conv(z_i))))))), then fuses the branches:
+  every
+  output branch sums its own map, the upsampled (1x1 conv + GroupNorm +
+  nearest neighbour) lower-resolution maps and the downsampled (3x3 conv +
+  GroupNorm + 2x2 mean pool) higher-resolution maps, then ReLU and
+  GroupNorm (Bai et al., 2020, "Multiscale deep equilibrium models").
+  All convolutions are stride 1 (`conv2d_same`, fast inside solver loops);
+  downsampling pools after the convolution. Unlike MDEQ's blocks, z_i has
+  no identity skip: through the GroupNorms it kept the map's spectral radius
+  at ~1.0 at initialisation (the solve stalled at a 2e-2 residual), without
+  it ~0.1.
+
+  z = (z_0, z_1, ...) and x = (x_0, x_1, ...), z_i and x_i of shape
+  (batch, H / 2^i, W / 2^i, channels[i]); `cell(z, x)` returns that tuple.
+
+  Args:
+    channels: channels per branch, finest first (2 or more branches).
+    num_groups: GroupNorm groups (must divide every channel count).
+    rngs: `nnx.Rngs`.
+    param_dtype: parameter dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxdeq.nnx import MultiscaleCell
+    >>> cell = MultiscaleCell((8, 16), num_groups=4, rngs=nnx.Rngs(0))
+    >>> z = (jnp.zeros((2, 8, 8, 8)), jnp.zeros((2, 4, 4, 16)))
+    >>> [v.shape for v in cell(z, z)]
+    [(2, 8, 8, 8), (2, 4, 4, 16)]
+  """
+
+  def __init__(self, channels: tuple[int, ...] = (24, 48), num_groups: int = 4,
+               *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32):
+    channels = tuple(channels)
+    if len(channels) < 2 or any(
+        not isinstance(c, int) or c < 1 for c in channels):
+      raise ValueError(f"MultiscaleCell: channels must be 2 or more positive"
+                       f" ints, got {channels!r}")
+    for c in channels:
+      if c % num_groups:
+        raise ValueError(f"MultiscaleCell: num_groups={num_groups} must divide"
+                         f" every channel count, got {channels}")
+    self.channels = channels
+
+    def kernel(size, c_in, c_out):
+      # He-style scale, damped so that the cell starts contractive.
+      std = 0.1 * math.sqrt(2.0 / (size * size * c_in))
+      return nnx.Param(std * jax.random.normal(
+          rngs.params(), (size, size, c_in, c_out), param_dtype))
+
+    def norm(c):
+      return nnx.GroupNorm(c, num_groups=num_groups, epsilon=1e-5,
+                           param_dtype=param_dtype, rngs=rngs)
+
+    self.block_conv1 = nnx.List([kernel(3, c, c) for c in channels])
+    self.block_conv2 = nnx.List([kernel(3, c, c) for c in channels])
+    self.block_norm1 = nnx.List([norm(c) for c in channels])
+    self.block_norm2 = nnx.List([norm(c) for c in channels])
+    self.block_norm3 = nnx.List([norm(c) for c in channels])
+    # fuse_conv[i][j] brings branch j to branch i (None on the diagonal).
+    self.fuse_conv = nnx.List([
+        nnx.List([kernel(1 if j > i else 3, channels[j], channels[i])
+                  for j in range(len(channels)) if j != i])
+        for i in range(len(channels))])
+    self.fuse_norm = nnx.List([
+        nnx.List([norm(channels[i]) for j in range(len(channels)) if j != i])
+        for i in range(len(channels))])
+    self.out_norm = nnx.List([norm(c) for c in channels])
+
+  def __call__(self, z: tuple, x: tuple) -> tuple:
+    if len(z) != len(self.channels) or len(x) != len(self.channels):
+      raise ValueError(f"MultiscaleCell: z and x must be tuples of"
+                       f" {len(self.channels)} maps, got {len(z)} and {len(x)}")
+    dtype = z[0].dtype
+    blocks = []
+    for i, (z_i, x_i) in enumerate(zip(z, x)):
+      y = jax.nn.relu(group_norm(
+          conv2d_same(z_i, self.block_conv1[i][...].astype(dtype)),
+          self.block_norm1[i]))
+      y = group_norm(conv2d_same(y, self.block_conv2[i][...].astype(dtype))
+                     + x_i, self.block_norm2[i])
+      blocks.append(group_norm(jax.nn.relu(y), self.block_norm3[i]))
+    out = []
+    for i in range(len(blocks)):
+      total = blocks[i]
+      others = [j for j in range(len(blocks)) if j != i]
+      for k, j in enumerate(others):
+        moved = group_norm(
+            conv2d_same(blocks[j], self.fuse_conv[i][k][...].astype(dtype)),
+            self.fuse_norm[i][k])
+        total = total + _resample(moved, i - j)
+      out.append(group_norm(jax.nn.relu(total), self.out_norm[i]))
+    return tuple(out)
+
+
+def _resample(x: jax.Array, levels: int) -> jax.Array:
+  """Nearest-neighbour upsampling (levels < 0) or 2x2-mean downsampling
+  (levels > 0) by 2^|levels| in each spatial axis."""
+  factor = 2 ** abs(levels)
+  if levels < 0:
+    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+  if levels > 0:
+    batch, height, width, channels = x.shape
+    blocks = x.reshape(batch, height // factor, factor, width // factor,
+                       factor, channels)
+    return jnp.mean(blocks, axis=(2, 4))
+  return x

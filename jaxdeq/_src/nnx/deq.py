@@ -12,7 +12,10 @@ from flax import nnx
 
 from jaxdeq._src import adjoint as adjoint_lib
 from jaxdeq._src import fixed_point as fixed_point_lib
+from jaxdeq._src import loop
+from jaxdeq._src import regularizers
 from jaxdeq._src import solution as solution_lib
+from jaxdeq._src.nnx import stabilizers
 from jaxdeq._src.solvers import anderson
 from jaxdeq._src.solvers import base
 
@@ -47,20 +50,31 @@ class DEQStats(NamedTuple):
                jnp.full((max_steps,), jnp.nan, jnp.float32))
 
   @classmethod
-  def summarize(cls, stats: solution_lib.SolverStats) -> "DEQStats":
+  def summarize(cls, stats: solution_lib.SolverStats,
+                rows: Optional[int] = None) -> "DEQStats":
+    """The summary; `rows` pads (NaN) or cuts the trace to a fixed length."""
     f32 = lambda v: v.astype(jnp.float32)
+    trace = f32(jnp.max(stats.trace, axis=1))
+    if rows is not None and rows != trace.shape[0]:
+      trace = jnp.concatenate(
+          [trace, jnp.full((max(rows - trace.shape[0], 0),), jnp.nan,
+                           jnp.float32)])[:rows]
     return cls(
         num_steps=stats.num_steps,
         mean_steps=f32(jnp.mean(stats.sample_steps)),
         max_residual=f32(jnp.max(stats.residual)),
         converged_fraction=f32(jnp.mean(stats.converged)),
         status=stats.status,
-        trace=f32(jnp.max(stats.trace, axis=1)),
+        trace=trace,
     )
 
 
 class SolverStatsVariable(nnx.Variable):
   """Holds the `DEQStats` of a DEQ's last call (a value, not a parameter)."""
+
+
+class JacobianPenaltyVariable(nnx.Variable):
+  """Holds the Jacobian penalty of a DEQ's last training solve (see `DEQ`)."""
 
 
 class BackwardProbe(nnx.Variable):
@@ -100,6 +114,22 @@ class DEQ(nnx.Module):
       gradient, as the tutorial's unrolled Newton layer does. Backprop through
       a Newton trajectory that did not converge can be huge (near-singular
       Jacobians) and derail training.
+    eval_max_steps: the solver's `max_steps` in evaluation mode
+      (`model.eval()`; torchdeq's `eval_factor`); default: the training one.
+    record_steps: fixed-point correction: in training, `deq.solve(x).states`
+      holds the iterates after these steps, each with the adjoint's gradient
+      (see `jaxdeq.fixed_point`); supervise them with their own losses.
+    jacobian_penalty: in training, store the Hutchinson estimate of
+      ||df/dz||_F^2 / d at z* (d = state size per sample, averaged over the
+      batch; Bai et al.'s normalisation) in `deq.penalty`, differentiable:
+      add `weight * deq.penalty[...]` to the loss. Needs `rngs`.
+    penalty_probes: Gaussian probes per estimate.
+    normalization: None, "weight" or "spectral": normalise the cell's
+      kernels once per solve (`CellNormalization`), outside the solver loop.
+    rngs: `nnx.Rngs` for the penalty's probes and spectral normalisation.
+
+  In training mode (the default; `model.eval()` sets `deterministic`), a
+  `VariationalDropout` inside the cell draws one mask per solve.
 
   Example:
     >>> import jax.numpy as jnp, jaxdeq
@@ -116,7 +146,12 @@ class DEQ(nnx.Module):
                solver: Optional[base.FixedPointSolver] = None,
                adjoint: Optional[adjoint_lib.AbstractAdjoint] = None,
                z_init: Union[str, Callable[[jax.Array], jax.Array]] = "zeros",
-               throw: bool = False, unconverged: str = "keep"):
+               throw: bool = False, unconverged: str = "keep", *,
+               eval_max_steps: Optional[int] = None,
+               record_steps: tuple[int, ...] = (),
+               jacobian_penalty: bool = False, penalty_probes: int = 1,
+               normalization: Optional[str] = None,
+               rngs: Optional[nnx.Rngs] = None):
     solver = anderson.Anderson() if solver is None else solver
     adjoint = adjoint_lib.ImplicitAdjoint() if adjoint is None else adjoint
     if not isinstance(solver, base.FixedPointSolver):
@@ -136,14 +171,80 @@ class DEQ(nnx.Module):
     self.z_init = z_init
     self.throw = throw
     self.unconverged = unconverged
-    self.stats = SolverStatsVariable(DEQStats.empty(solver.max_steps))
+    self.eval_solver = solver
+    if eval_max_steps is not None:
+      if (isinstance(eval_max_steps, bool) or
+          not isinstance(eval_max_steps, int) or eval_max_steps < 1):
+        raise ValueError(f"DEQ: eval_max_steps must be a positive int, got"
+                         f" {eval_max_steps!r}")
+      self.eval_solver = dataclasses.replace(solver, max_steps=eval_max_steps)
+    self.record_steps = fixed_point_lib._check_record_steps(record_steps,
+                                                            adjoint)
+    if not isinstance(jacobian_penalty, bool):
+      raise TypeError(f"DEQ: jacobian_penalty must be a bool, got"
+                      f" {jacobian_penalty!r}")
+    if jacobian_penalty and rngs is None:
+      raise ValueError("DEQ: jacobian_penalty=True needs rngs (the probes"
+                       " are random)")
+    self.jacobian_penalty = jacobian_penalty
+    self.penalty_probes = penalty_probes
+    self.rngs = rngs
+    self.normalization = None if normalization is None else (
+        stabilizers.CellNormalization(
+            cell, normalization,
+            rngs=rngs if rngs is not None else nnx.Rngs(0)))
+    self.deterministic = False
+    self.trace_rows = loop.trace_length(max(solver.max_steps,
+                                            self.eval_solver.max_steps))
+    self.stats = SolverStatsVariable(DEQStats.empty(self.trace_rows))
+    self.penalty = JacobianPenaltyVariable(jnp.zeros((), jnp.float32))
     self.backward_probe = BackwardProbe(adjoint_lib.backward_probe())
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Returns z* for input `x` and records `DEQStats` in `self.stats`."""
-    return self.solve(x).value
+  def __call__(self, x: Any, *, z0: Any = None,
+               max_steps: Union[int, jax.Array, None] = None) -> Any:
+    """Returns z* for input `x` and records `DEQStats` in `self.stats`.
 
-  def solve(self, x: Any) -> solution_lib.Solution:
+    Args:
+      x: the input injection.
+      z0: optional initial state per sample (a warm start, e.g. an earlier
+        z*), overriding `z_init`.
+      max_steps: optional step budget (an int or a traced int, at most the
+        solver's `max_steps`): change it between calls without recompiling.
+    """
+    return self.solve(x, z0=z0, max_steps=max_steps).value
+
+  def cell_map(self) -> tuple[Callable[[Any, Any], Any], Any]:
+    """(f, cell_state): f(z, (cell_state, x)) = cell(z, x), with the
+    normalised kernels when `normalization` is set (no state update)."""
+    graphdef, cell_state = nnx.split(self.cell)
+    if self.normalization is not None:
+      cell_state = self.normalization.apply(cell_state, update=False)
+    cell_map = (_CellMapWithJacobian if hasattr(self.cell, "residual_jacobian")
+                else _CellMap)(graphdef)
+    return cell_map, cell_state
+
+  def spectral_radius(self, x: Any, key: jax.Array, *, num_iters: int = 20,
+                      z: Any = None) -> jax.Array:
+    """Per-sample estimate of rho(d cell / dz) at z* (or at `z`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxdeq.nnx import DEQ, TanhCell
+      >>> deq = DEQ(TanhCell(8, rngs=nnx.Rngs(0)))
+      >>> rho = deq.spectral_radius(jnp.ones((4, 8)), jax.random.key(0))
+      >>> rho.shape, bool(jnp.all(rho < 1))
+      ((4,), True)
+    """
+    if z is None:
+      z = self.solve(x).value
+    cell_map, cell_state = self.cell_map()
+    return regularizers.spectral_radius(cell_map, z, (cell_state, x), key,
+                                        num_iters=num_iters)
+
+  def solve(self, x: Any, *, z0: Any = None,
+            max_steps: Union[int, jax.Array, None] = None
+            ) -> solution_lib.Solution:
     """Like calling the layer, but returns the whole `jaxdeq.Solution`.
 
     Example:
@@ -154,19 +255,37 @@ class DEQ(nnx.Module):
       >>> deq.solve(jnp.ones((4, 8))).stats.residual.shape
       (4,)
     """
+    training = not self.deterministic
+    if training:
+      stabilizers.draw_dropout_masks(self.cell)
     graphdef, cell_state = nnx.split(self.cell)
+    if self.normalization is not None:
+      # Once per solve: the solver sees the normalised kernels as arguments.
+      cell_state = self.normalization.apply(cell_state, update=training)
     cell_map = (_CellMapWithJacobian if hasattr(self.cell, "residual_jacobian")
                 else _CellMap)(graphdef)
-    if self.z_init == "zeros":
-      z0 = jax.tree.map(jnp.zeros_like, x)
-    else:
-      z0 = self.z_init(x)
+    if z0 is None:
+      if self.z_init == "zeros":
+        z0 = jax.tree.map(jnp.zeros_like, x)
+      else:
+        z0 = self.z_init(x)
     sol = fixed_point_lib.fixed_point(
-        cell_map, z0, (cell_state, x), solver=self.solver,
+        cell_map, z0, (cell_state, x),
+        solver=self.solver if training else self.eval_solver,
         adjoint=self.adjoint, throw=self.throw,
         backward_probe=(self.backward_probe[...]
-                        if hasattr(self.adjoint, "solve_with_probe") else None))
-    _record(self.stats, DEQStats.summarize(sol.stats))
+                        if hasattr(self.adjoint, "solve_with_probe") else None),
+        max_steps=max_steps,
+        record_steps=self.record_steps if training else ())
+    _record(self.stats, DEQStats.summarize(sol.stats, self.trace_rows))
+    if training and self.jacobian_penalty:
+      size = sum(v[0].size for v in jax.tree.leaves(sol.value))
+      penalty = regularizers.jacobian_penalty(
+          cell_map, sol.value, (cell_state, x), self.rngs(),
+          num_probes=self.penalty_probes)
+      _record(self.penalty,
+              (jnp.mean(penalty) / jnp.asarray(size, penalty.dtype)
+               ).astype(jnp.float32))
     if self.unconverged == "zero":
       converged = sol.stats.converged
       sol = sol._replace(value=jax.tree.map(

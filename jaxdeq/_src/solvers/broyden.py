@@ -97,3 +97,9 @@ def _matvec(us, vs, x):
 def _rmatvec(us, vs, x):
   """x^T (-I + U^T V) per sample."""
   return -x + jnp.einsum("bm,bmd->bd", jnp.einsum("bmd,bd->bm", us, x), vs)
+
+
+def inverse_rmatvec(state: BroydenState, x: jax.Array) -> jax.Array:
+  """x^T H per sample, H = -I + U^T V the inverse-Jacobian estimate of
+  g(z) = f(z) - z that `state` holds (what SHINE reuses)."""
+  return _rmatvec(state.us, state.vs, x)
