@@ -132,8 +132,8 @@ def test_budget_with_unrolled_adjoint_matches_shorter_solver():
         adjoint=jaxdeq.UnrolledAdjoint(), max_steps=budget).value.sum())(x)
 
   chex.assert_trees_all_close(
-      grad(jaxdeq.FixedPointIteration(1e-12, 30), jnp.asarray(5)),
-      grad(jaxdeq.FixedPointIteration(1e-12, 5), None), rtol=1e-6)
+      grad(jaxdeq.FixedPointIteration(1e-6, 30), jnp.asarray(5)),
+      grad(jaxdeq.FixedPointIteration(1e-6, 5), None), rtol=1e-6)
 
 
 # ---------------------------------------------------- fixed-point correction ---

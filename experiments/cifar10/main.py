@@ -1,4 +1,4 @@
-"""python -m experiments.cifar10 [--data-dir DIR] [--epochs 50] ..."""
+"""python -m experiments.cifar10 [--model mdeq_small] [--data-dir DIR] ..."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m experiments.cifar10",
       description="The Deep Implicit Layers tutorial's CIFAR-10 DEQ in jaxdeq.")
+  parser.add_argument("--model", default="deq_resnet",
+                      choices=["deq_resnet", "mdeq_small"],
+                      help="the tutorial's ResNet-cell DEQ, or MDEQ-small"
+                      " (two resolutions, a MultiscaleCell)")
   cli.add_common_flags(parser, "epochs (default 50, the tutorial's)")
+  cli.add_deq_flags(parser)
   args = parser.parse_args(argv)
   config = training.Config(
       dataset="cifar10", data_dir=args.data_dir, epochs=args.epochs or 50,
@@ -21,9 +26,11 @@ def main(argv=None) -> None:
       metrics_out=args.metrics_out, workdir=args.workdir, plots=args.plots,
       limit_train=args.limit_train, limit_test=args.limit_test,
       distributed=args.distributed, progress=not args.no_progress,
+      deq_options=cli.deq_options(args), fp_weight=args.fp_weight,
+      warm_start=args.warm_start,
       skip_grad_norm=args.skip_grad_norm)
   try:
-    train.train_and_evaluate(config)
+    train.train_and_evaluate(config, args.model)
   except (data.DataError, ValueError) as error:
     sys.exit(f"error: {error}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import optax
 
 from experiments.cifar10 import input_pipeline, models
@@ -15,16 +16,26 @@ def make_optimizer(steps_per_epoch: int, epochs: int):
   return optax.adam(schedule)
 
 
-EXPERIMENT = training.Experiment(
-    name="cifar10/deq_resnet",
-    make_model=models.CifarDEQ,
-    make_optimizer=make_optimizer,
-    preprocess=input_pipeline.preprocess,
-    deq=lambda model: model.deq,
-    deq_input=lambda model, x: model.features(x),
-)
+def experiment(model: str = "deq_resnet") -> training.Experiment:
+  if model not in models.MODELS:
+    raise ValueError(f"unknown --model {model!r}; choose one of"
+                     f" {', '.join(models.MODELS)}")
+  make = models.MODELS[model]
+  return training.Experiment(
+      name=f"cifar10/{model}",
+      make_model=make,
+      make_optimizer=make_optimizer,
+      preprocess=input_pipeline.preprocess,
+      deq=lambda model: model.deq,
+      deq_input=lambda model, x: model.features(x),
+      forward=lambda model, inputs, warm: model.forward(inputs, warm),
+  )
 
 
-def train_and_evaluate(config: training.Config) -> list[dict]:
-  """Trains the tutorial's CIFAR-10 DEQ; returns epoch metrics."""
-  return training.train_and_evaluate(config, EXPERIMENT)
+EXPERIMENT = experiment("deq_resnet")
+
+
+def train_and_evaluate(config: training.Config,
+                       model: str = "deq_resnet") -> list[dict]:
+  """Trains a CIFAR-10 DEQ (`model`: deq_resnet or mdeq_small)."""
+  return training.train_and_evaluate(config, experiment(model))

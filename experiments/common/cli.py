@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from experiments.common import layers
+
 
 def _positive(convert, kind: str):
   """An argparse type: `convert(text)`, which must be > 0 (and finite)."""
@@ -24,6 +26,77 @@ def _positive(convert, kind: str):
 
 positive_int = _positive(int, "integer")
 positive_float = _positive(float, "number")
+
+
+def _steps(text: str) -> tuple[int, ...]:
+  """"5,10" -> (5, 10): increasing positive step counts."""
+  try:
+    steps = tuple(int(part) for part in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected step counts like 5,10, got {text!r}") from None
+  if any(k < 1 for k in steps) or list(steps) != sorted(set(steps)):
+    raise argparse.ArgumentTypeError(
+        f"expected increasing positive step counts, got {text!r}")
+  return steps
+
+
+def _rate(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got"
+                                     f" {text!r}") from None
+  if not 0 <= value < 1:
+    raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got"
+                                     f" {value}")
+  return value
+
+
+def _non_negative(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = float("nan")
+  if not 0 <= value < float("inf"):
+    raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+  return value
+
+
+def add_deq_flags(parser: argparse.ArgumentParser) -> None:
+  """The DEQ stabilisers (see README, "Training a DEQ that stays stable")."""
+  group = parser.add_argument_group("DEQ stabilisers")
+  group.add_argument("--jacobian-penalty", type=_non_negative, default=0.0,
+                     metavar="W", help="add W x the Hutchinson estimate of"
+                     " ||df/dz||_F^2 / d at z* to the loss (Bai et al. 2021)")
+  group.add_argument("--fp-correction", type=_steps, default=(),
+                     metavar="K1,K2", help="also supervise the iterates after"
+                     " these solver steps (fixed-point correction)")
+  group.add_argument("--fp-weight", type=positive_float, default=1.0,
+                     help="loss weight of each correction iterate")
+  norm = group.add_mutually_exclusive_group()
+  norm.add_argument("--weight-norm", action="store_true",
+                    help="weight-normalise the cell's kernels")
+  norm.add_argument("--spectral-norm", action="store_true",
+                    help="spectrally normalise the cell's kernels")
+  group.add_argument("--dropout", type=_rate, default=0.0, metavar="P",
+                     help="variational dropout on the cell's output, one"
+                     " mask per solve")
+  group.add_argument("--warm-start", action="store_true",
+                     help="start each training example's solve at its z*"
+                     " from the previous epoch")
+  group.add_argument("--eval-max-steps", type=positive_int, default=None,
+                     help="the solver's step cap at evaluation")
+
+
+def deq_options(args: argparse.Namespace) -> layers.DeqOptions:
+  """The `DeqOptions` of parsed DEQ flags."""
+  return layers.DeqOptions(
+      jacobian_penalty=args.jacobian_penalty,
+      record_steps=args.fp_correction,
+      normalization=("weight" if args.weight_norm else
+                     "spectral" if args.spectral_norm else None),
+      dropout=args.dropout, eval_max_steps=args.eval_max_steps)
 
 
 def add_common_flags(parser: argparse.ArgumentParser, epochs_help: str,

@@ -46,6 +46,7 @@ def write_all(directory: str, experiment, model, history, inputs) -> list[str]:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   os.makedirs(directory, exist_ok=True)
   model.eval()
@@ -75,7 +76,8 @@ def write_all(directory: str, experiment, model, history, inputs) -> list[str]:
 
   if history:
     epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    fig, (left, right, stability) = plt.subplots(1, 3, figsize=(15, 4),
+                                                 dpi=120)
     left.plot(epochs, [r["train_error"] for r in history], "o-", label="train")
     left.plot(epochs, [r["test_error"] for r in history], "o-", label="test")
     left.set_xlabel("epoch")
@@ -88,6 +90,21 @@ def write_all(directory: str, experiment, model, history, inputs) -> list[str]:
     right.set_xlabel("epoch")
     right.set_ylabel("solver steps per batch")
     right.legend()
+    stability.plot(epochs, [r.get("spectral_radius", np.nan) for r in history],
+                   "o-", label="spectral radius (mean)")
+    stability.plot(epochs, [r.get("spectral_radius_max", np.nan)
+                            for r in history], "o--",
+                   label="spectral radius (max)")
+    stability.plot(epochs, [r.get("jacobian_penalty", np.nan)
+                            for r in history], "s-",
+                   label="||df/dz||_F^2 / d")
+    stability.axhline(1.0, color="gray", lw=0.8, ls=":")
+    stability.set_xlabel("epoch")
+    stability.set_title("at z* on one test batch", fontsize=9)
+    stability.legend(fontsize=8)
+    for axis in (left, right, stability):
+      axis.xaxis.set_major_locator(
+          matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(experiment.name)
     fig.tight_layout()
     paths.append(os.path.join(directory, "curves.png"))

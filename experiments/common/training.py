@@ -26,11 +26,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxdeq
 from experiments.common import data as data_lib
+from experiments.common import layers
 from jaxdeq.nnx import DEQ, BackwardProbe
 
 METRIC_KEYS = ("epoch", "train_error", "train_loss", "test_error", "test_loss",
                "forward_steps", "backward_steps", "skipped_steps",
-               "train_seconds", "test_seconds", "examples_per_second")
+               "train_seconds", "test_seconds", "examples_per_second",
+               "jacobian_penalty", "spectral_radius", "spectral_radius_max")
+
+# Warm starts keep one z* per training example on the devices; past this
+# many bytes the flag is refused rather than exhausting device memory.
+WARM_START_MAX_BYTES = 2 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +56,19 @@ class Config:
   distributed: bool = False
   progress: bool = True
   skip_grad_norm: Optional[float] = None
+  deq_options: layers.DeqOptions = layers.DeqOptions()
+  fp_weight: float = 1.0
+  warm_start: bool = False
 
   def validate(self) -> None:
+    options = self.deq_options
+    if not options.jacobian_penalty >= 0:
+      raise ValueError(f"--jacobian-penalty must be >= 0, got"
+                       f" {options.jacobian_penalty}")
+    if not 0 <= options.dropout < 1:
+      raise ValueError(f"--dropout must be in [0, 1), got {options.dropout}")
+    if not self.fp_weight > 0:
+      raise ValueError(f"--fp-weight must be > 0, got {self.fp_weight}")
     if self.skip_grad_norm is not None and not self.skip_grad_norm > 0:
       raise ValueError(f"--skip-grad-norm must be > 0, got"
                        f" {self.skip_grad_norm}")
@@ -72,14 +89,18 @@ class Experiment:
     preprocess: uint8 images (B, H, W, C) -> model input, inside jit.
     deq: model -> its DEQ layer (for stats and plots).
     deq_input: (model, model input) -> the DEQ layer's input x (plots).
+    forward: (model, model input, warm) -> (logits, logits of the
+      fixed-point-correction states, z*); `warm` is None or (stored z* rows,
+      seen mask) for warm starts.
   """
 
   name: str
-  make_model: Callable[[nnx.Rngs], nnx.Module]
+  make_model: Callable[[nnx.Rngs, layers.DeqOptions], nnx.Module]
   make_optimizer: Callable[[int, int], optax.GradientTransformation]
   preprocess: Callable[[jax.Array], jax.Array]
   deq: Callable[[nnx.Module], DEQ]
   deq_input: Callable[[nnx.Module, jax.Array], jax.Array]
+  forward: Callable[..., tuple]
 
 
 def _tree_all_finite(tree) -> jax.Array:
@@ -95,33 +116,52 @@ def epoch_order(seed: int, epoch: int, size: int) -> jax.Array:
 
 
 def make_steps(experiment: Experiment,
-               skip_grad_norm: Optional[float] = None):
+               skip_grad_norm: Optional[float] = None,
+               penalty_weight: float = 0.0, fp_weight: float = 1.0,
+               warm_start: bool = False):
   """The jitted train and eval steps of an experiment.
 
-  A train step whose parameter gradients are non-finite (the tutorial's NaN
-  guard) or, with `skip_grad_norm`, whose global gradient norm exceeds it, is
-  undone and counted in "skipped".
+  The loss is the cross-entropy at z*, plus `fp_weight` times the
+  cross-entropy at each fixed-point-correction state, plus `penalty_weight`
+  times the DEQ's Jacobian penalty. A train step whose parameter gradients
+  are non-finite (the tutorial's NaN guard) or, with `skip_grad_norm`, whose
+  global gradient norm exceeds it, is undone and counted in "skipped". With
+  `warm_start`, the train step takes and returns the store of each training
+  example's last z* (and a seen mask) and starts its solve there.
   """
 
-  def loss_and_metrics(model, images, labels, mask=None):
-    logits = model(experiment.preprocess(images))
+  def loss_and_metrics(model, images, labels, mask=None, warm=None):
+    logits, extra, z_star = experiment.forward(
+        model, experiment.preprocess(images), warm)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     wrong = jnp.argmax(logits, -1) != labels
     if mask is not None:
       losses, wrong = losses * mask.astype(losses.dtype), wrong & mask
     errors = jnp.sum(wrong)
-    stats = experiment.deq(model).stats.get_value()
-    return jnp.mean(losses), (jnp.sum(losses), errors, stats.num_steps)
+    loss = jnp.mean(losses)
+    for state_logits in extra:
+      loss = loss + jnp.asarray(fp_weight, loss.dtype) * jnp.mean(
+          optax.softmax_cross_entropy_with_integer_labels(state_logits,
+                                                          labels))
+    layer = experiment.deq(model)
+    penalty = layer.penalty[...]
+    if penalty_weight:
+      loss = loss + jnp.asarray(penalty_weight, loss.dtype) * penalty
+    stats = layer.stats.get_value()
+    return loss, (jnp.sum(losses), errors, stats.num_steps, penalty, z_star)
 
   wrt = nnx.DiffState(0, nnx.Any(nnx.Param, BackwardProbe))
 
   @nnx.jit
-  def train_step(model, optimizer, images, labels):
+  def train_step(model, optimizer, images, labels, store=None, rows=None):
     # nnx.state holds references; snapshot the values the update replaces.
     before = jax.tree.map(jnp.copy, nnx.state((model, optimizer)))
+    warm = None
+    if warm_start:
+      warm = (jax.tree.map(lambda s: s[rows], store[0]), store[1][rows])
     grad_fn = nnx.value_and_grad(loss_and_metrics, argnums=wrt, has_aux=True)
-    (_, (loss_sum, errors, forward_steps)), grads = grad_fn(
-        model, images, labels)
+    (_, (loss_sum, errors, forward_steps, penalty, z_star)), grads = grad_fn(
+        model, images, labels, None, warm)
     param_grads, probe_grads = nnx.split_state(grads, nnx.Param, BackwardProbe)
     backward = jaxdeq.BackwardStats.from_probe_grad(
         jax.tree.leaves(probe_grads)[0])
@@ -136,21 +176,54 @@ def make_steps(experiment: Experiment,
     after = nnx.state((model, optimizer))
     nnx.update((model, optimizer), jax.tree.map(
         lambda new, old: jnp.where(keep, new, old), after, before))
-    return {
+    if warm_start:
+      z_star = jax.lax.stop_gradient(z_star)
+      store = (jax.tree.map(lambda s, z: s.at[rows].set(z.astype(s.dtype)),
+                            store[0], z_star),
+               store[1].at[rows].set(True))
+    metrics = {
         "loss_sum": loss_sum, "errors": errors,
         "forward_steps": forward_steps.astype(jnp.float32),
         "backward_steps": backward.num_steps.astype(jnp.float32),
         "skipped": (~keep).astype(jnp.int32),
+        "penalty": penalty,
     }
+    return metrics, store
 
   @nnx.jit
   def eval_step(model, images, labels, mask):
-    _, (loss_sum, errors, forward_steps) = loss_and_metrics(
+    _, (loss_sum, errors, forward_steps, _, _) = loss_and_metrics(
         model, images, labels, mask)
     return {"loss_sum": loss_sum, "errors": errors,
             "forward_steps": forward_steps.astype(jnp.float32)}
 
   return train_step, eval_step
+
+
+def make_diagnostics(experiment: Experiment, num_probes: int = 4,
+                     num_iters: int = 20):
+  """A jitted (model, images, key) -> (penalty, mean rho, max rho) at z*.
+
+  The penalty is the Hutchinson estimate of ||df/dz||_F^2 / d; rho the
+  power-iteration estimate of the spectral radius of df/dz, both at the
+  fixed point of each example (evaluation mode).
+  """
+
+  @nnx.jit
+  def diagnostics(model, images, key):
+    layer = experiment.deq(model)
+    x = experiment.deq_input(model, experiment.preprocess(images))
+    z = layer.solve(x).value
+    cell_map, cell_state = layer.cell_map()
+    penalty_key, rho_key = jax.random.split(key)
+    penalty = jaxdeq.jacobian_penalty(cell_map, z, (cell_state, x),
+                                      penalty_key, num_probes=num_probes)
+    size = sum(v[0].size for v in jax.tree.leaves(z))
+    rho = layer.spectral_radius(x, rho_key, num_iters=num_iters, z=z)
+    return (jnp.mean(penalty) / jnp.asarray(size, penalty.dtype),
+            jnp.mean(rho), jnp.max(rho))
+
+  return diagnostics
 
 
 def _sum_metrics(step_metrics: list[dict]) -> dict:
@@ -233,19 +306,31 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
   test_labels = jax.device_put(dataset.test_labels, replicated)
 
   @jax.jit
-  def gather(images, labels, order, index):
-    rows = jax.lax.dynamic_slice_in_dim(order, index * config.batch_size,
+  def batch_rows(order, index):
+    return jax.lax.dynamic_slice_in_dim(order, index * config.batch_size,
                                         config.batch_size)
+
+  @jax.jit
+  def gather(images, labels, order, index):
+    rows = batch_rows(order, index)
     batch = images[rows], labels[rows]
     return jax.lax.with_sharding_constraint(batch, batch_sharding)
 
-  model = experiment.make_model(nnx.Rngs(config.seed))
+  model = experiment.make_model(nnx.Rngs(config.seed), config.deq_options)
   optimizer = nnx.Optimizer(
       model, experiment.make_optimizer(steps_per_epoch, config.epochs),
       wrt=nnx.Param)
   state = nnx.state((model, optimizer))
   nnx.update((model, optimizer), jax.device_put(state, replicated))
-  train_step, eval_step = make_steps(experiment, config.skip_grad_norm)
+  train_step, eval_step = make_steps(
+      experiment, config.skip_grad_norm,
+      penalty_weight=config.deq_options.jacobian_penalty,
+      fp_weight=config.fp_weight, warm_start=config.warm_start)
+  diagnostics = make_diagnostics(experiment)
+  store = None
+  if config.warm_start:
+    store = _warm_start_store(experiment, model, dataset.train_images[:1],
+                              len(dataset.train_images), replicated)
 
   checkpoints = _Checkpoints(config.workdir)
   start_epoch, history = checkpoints.restore(model, optimizer)
@@ -279,7 +364,10 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
     step_metrics = []
     for index in range(steps_per_epoch):
       images, labels = gather(train_images, train_labels, order, index)
-      step_metrics.append(train_step(model, optimizer, images, labels))
+      rows = batch_rows(order, index) if store is not None else None
+      metrics, store = train_step(model, optimizer, images, labels, store,
+                                  rows)
+      step_metrics.append(metrics)
       if bar.disable is False and (index % 50 == 49
                                    or index == steps_per_epoch - 1):
         bar.set_postfix(loss=f"{float(step_metrics[-1]['loss_sum']) / config.batch_size:.4f}")  # noqa: E501
@@ -296,6 +384,9 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
     ]
     test = _sum_metrics(eval_metrics)
     test_seconds = time.perf_counter() - started
+    penalty, rho, rho_max = (float(v) for v in diagnostics(
+        model, test_images[:config.batch_size],
+        jax.random.fold_in(jax.random.key(config.seed), epoch)))
     n_test = len(dataset.test_images)
     n_train = steps_per_epoch * config.batch_size
     row = {
@@ -311,6 +402,10 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
         "train_seconds": round(train_seconds, 3),
         "test_seconds": round(test_seconds, 3),
         "examples_per_second": round(n_train / train_seconds, 1),
+        "train_penalty": float(train["penalty"].mean()),
+        "jacobian_penalty": penalty,
+        "spectral_radius": rho,
+        "spectral_radius_max": rho_max,
     }
     history.append(row)
     _print_row(row)
@@ -331,6 +426,7 @@ _COLUMNS = (("epoch", "{:>5d}"), ("train_error", "{:>11.4f}"),
             ("test_loss", "{:>9.4f}"), ("forward_steps", "{:>13.2f}"),
             ("test_forward_steps", "{:>18.2f}"),
             ("backward_steps", "{:>14.2f}"), ("skipped_steps", "{:>13d}"),
+            ("spectral_radius", "{:>15.3f}"),
             ("train_seconds", "{:>13.2f}"), ("test_seconds", "{:>12.2f}"))
 
 
@@ -341,7 +437,27 @@ def _print_header() -> None:
 
 
 def _print_row(row: dict) -> None:
-  print(" ".join(fmt.format(row[name]) for name, fmt in _COLUMNS), flush=True)
+  # Rows from runs saved before a column existed print NaN there.
+  print(" ".join(fmt.format(row.get(name, float("nan")) if "d" not in fmt
+                            else row.get(name, 0)) for name, fmt in _COLUMNS),
+        flush=True)
+
+
+def _warm_start_store(experiment, model, example_images, size, sharding):
+  """Zeros for each training example's z* and an all-False seen mask."""
+  shapes = jax.eval_shape(
+      lambda m, x: experiment.forward(m, experiment.preprocess(x), None)[2],
+      model, example_images)
+  nbytes = sum(size * int(np.prod(s.shape[1:])) * 4
+               for s in jax.tree.leaves(shapes))
+  if nbytes > WARM_START_MAX_BYTES:
+    raise ValueError(
+        f"--warm-start would keep {nbytes / 2**30:.1f} GiB of z* on the"
+        f" devices ({size} examples); the limit is"
+        f" {WARM_START_MAX_BYTES / 2**30:.0f} GiB: use --limit-train")
+  zeros = jax.tree.map(
+      lambda s: jnp.zeros((size,) + s.shape[1:], jnp.float32), shapes)
+  return jax.device_put((zeros, jnp.zeros((size,), bool)), sharding)
 
 
 def _write_metrics(path: str, history: list[dict]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -9,15 +11,16 @@ import jaxdeq
 from experiments.common import layers
 from jaxdeq.nnx import DEQ, TanhCell
 
-# layer -> (its DEQ, default epochs), as in the tutorial.
+# layer -> (solver, adjoint, DEQ keyword arguments, default epochs), as in the
+# tutorial.
 LAYERS = {
-    "fixed_point": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.FixedPointIteration(tol=1e-4, max_steps=200), jaxdeq.UnrolledAdjoint()), 10),  # noqa: E501
-    "newton": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.UnrolledAdjoint(), z_init=jnp.tanh, unconverged="zero"), 8),  # noqa: E501
-    "newton_implicit": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.ImplicitAdjoint(), z_init=jnp.tanh), 10),  # noqa: E501
+    "fixed_point": (jaxdeq.FixedPointIteration(tol=1e-4, max_steps=200), jaxdeq.UnrolledAdjoint(), {}, 10),  # noqa: E501
+    "newton": (jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.UnrolledAdjoint(), dict(z_init=jnp.tanh, unconverged="zero"), 8),  # noqa: E501
+    "newton_implicit": (jaxdeq.Newton(tol=1e-4, max_steps=40), jaxdeq.ImplicitAdjoint(), dict(z_init=jnp.tanh), 10),  # noqa: E501
     # The same two layers with a matrix-free GMRES inner solve instead of LU.
-    "newton_gmres": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40, linear_solver="gmres"), jaxdeq.UnrolledAdjoint(), z_init=jnp.tanh, unconverged="zero"), 8),  # noqa: E501
-    "newton_implicit_gmres": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Newton(tol=1e-4, max_steps=40, linear_solver="gmres"), jaxdeq.ImplicitAdjoint(), z_init=jnp.tanh), 10),  # noqa: E501
-    "deq": (lambda rngs: DEQ(TanhCell(100, rngs=rngs), jaxdeq.Anderson(tol=1e-4, max_steps=50, m=5, lam_relative=True), jaxdeq.ImplicitAdjoint()), 10),  # noqa: E501
+    "newton_gmres": (jaxdeq.Newton(tol=1e-4, max_steps=40, linear_solver="gmres"), jaxdeq.UnrolledAdjoint(), dict(z_init=jnp.tanh, unconverged="zero"), 8),  # noqa: E501
+    "newton_implicit_gmres": (jaxdeq.Newton(tol=1e-4, max_steps=40, linear_solver="gmres"), jaxdeq.ImplicitAdjoint(), dict(z_init=jnp.tanh), 10),  # noqa: E501
+    "deq": (jaxdeq.Anderson(tol=1e-4, max_steps=50, m=5, lam_relative=True), jaxdeq.ImplicitAdjoint(), {}, 10),  # noqa: E501
 }
 
 
@@ -27,10 +30,30 @@ LAYERS = {
 UNROLLED_NEWTON_SKIP_GRAD_NORM = {"newton": 100.0, "newton_gmres": 100.0}
 
 
-def make_model(layer: str, rngs: nnx.Rngs) -> nnx.Sequential:
+def make_deq(layer: str, rngs: nnx.Rngs,
+             options: Optional[layers.DeqOptions] = None) -> DEQ:
+  """The equilibrium layer (width 100) of `layer`, with `options`."""
+  options = options or layers.DeqOptions()
+  solver, adjoint, kwargs, _ = LAYERS[layer]
+  cell = options.cell(TanhCell(100, rngs=rngs), rngs)
+  return DEQ(cell, solver, adjoint, **kwargs, **options.deq_kwargs(rngs))
+
+
+def make_model(layer: str, rngs: nnx.Rngs,
+               options: Optional[layers.DeqOptions] = None) -> nnx.Sequential:
   """784 -> 100 linear, the equilibrium layer (width 100), 100 -> 10 linear."""
   if layer not in LAYERS:
     raise ValueError(f"unknown --layer {layer!r}; choose one of"
                      f" {', '.join(LAYERS)}")
-  return nnx.Sequential(layers.linear(784, 100, rngs), LAYERS[layer][0](rngs),
+  return nnx.Sequential(layers.linear(784, 100, rngs),
+                        make_deq(layer, rngs, options),
                         layers.linear(100, 10, rngs))
+
+
+def forward(model: nnx.Sequential, inputs, warm=None):
+  """(logits, logits of the correction states, z*) of a batch."""
+  x = model.layers[0](inputs)
+  deq = model.layers[1]
+  sol = deq.solve(x, z0=layers.warm_start_z0(deq, x, warm))
+  head = model.layers[2]
+  return head(sol.value), [head(s) for s in sol.states or ()], sol.value

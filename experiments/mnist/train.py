@@ -28,6 +28,7 @@ def experiment(layer: str) -> training.Experiment:
       preprocess=input_pipeline.preprocess,
       deq=lambda model: model.layers[1],
       deq_input=lambda model, x: model.layers[0](x),
+      forward=models.forward,
   )
 
 

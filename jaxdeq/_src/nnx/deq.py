@@ -213,6 +213,20 @@ class DEQ(nnx.Module):
     """
     return self.solve(x, z0=z0, max_steps=max_steps).value
 
+  def initial_state(self, x: Any) -> Any:
+    """The solve's start when no `z0` is given: `z_init` applied to `x`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxdeq.nnx import DEQ, TanhCell
+      >>> DEQ(TanhCell(2, rngs=nnx.Rngs(0))).initial_state(jnp.ones((1, 2)))
+      Array([[0., 0.]], dtype=float32)
+    """
+    if self.z_init == "zeros":
+      return jax.tree.map(jnp.zeros_like, x)
+    return self.z_init(x)
+
   def cell_map(self) -> tuple[Callable[[Any, Any], Any], Any]:
     """(f, cell_state): f(z, (cell_state, x)) = cell(z, x), with the
     normalised kernels when `normalization` is set (no state update)."""
@@ -265,10 +279,7 @@ class DEQ(nnx.Module):
     cell_map = (_CellMapWithJacobian if hasattr(self.cell, "residual_jacobian")
                 else _CellMap)(graphdef)
     if z0 is None:
-      if self.z_init == "zeros":
-        z0 = jax.tree.map(jnp.zeros_like, x)
-      else:
-        z0 = self.z_init(x)
+      z0 = self.initial_state(x)
     sol = fixed_point_lib.fixed_point(
         cell_map, z0, (cell_state, x),
         solver=self.solver if training else self.eval_solver,
