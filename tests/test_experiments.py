@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments.cifar10 import train as cifar_train
-from experiments.common import training
+from experiments.common import layers, training
 from experiments.mnist import train as mnist_train
 from tests import helpers
 
@@ -56,18 +56,67 @@ def test_mnist_layer_trains(layer, mnist_dir, tmp_path):
     assert rows[0]["backward_steps"] == 0
 
 
-def test_cifar10_trains_and_plots(tmp_path):
+@pytest.mark.parametrize("model", ["deq_resnet", "mdeq_small"])
+def test_cifar10_trains_and_plots(model, tmp_path):
   data_dir = helpers.write_cifar_like(tmp_path / "cifar", per_batch=20)
   config = training.Config(
       dataset="cifar10", data_dir=str(data_dir), epochs=2, batch_size=20,
       progress=False, metrics_out=str(tmp_path / "m.jsonl"),
       plots=str(tmp_path / "plots"))
-  history = cifar_train.train_and_evaluate(config)
+  history = cifar_train.train_and_evaluate(config, model)
   assert history[1]["train_loss"] < history[0]["train_loss"]
+  assert 0 < history[-1]["spectral_radius"] <= history[-1][
+      "spectral_radius_max"]
   assert read_metrics(config.metrics_out) == history
   for name in ("residuals.png", "curves.png"):
     with open(tmp_path / "plots" / name, "rb") as handle:
       assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mnist_with_every_stabiliser(mnist_dir, tmp_path):
+  options = layers.DeqOptions(jacobian_penalty=1.0, record_steps=(2,),
+                              normalization="weight", dropout=0.1,
+                              eval_max_steps=30)
+  history = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path, deq_options=options, warm_start=True,
+                   fp_weight=(0.5,)), "deq")
+  assert history[1]["train_loss"] < history[0]["train_loss"]
+  for row in history:
+    assert row["skipped_steps"] == 0
+    assert row["train_penalty"] > 0 and row["jacobian_penalty"] > 0
+    assert 0 < row["spectral_radius"] <= row["spectral_radius_max"] < 1
+
+
+def test_warm_start_saves_forward_steps(mnist_dir, tmp_path):
+  cold = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path / "cold"), "deq")
+  warm = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path / "warm", warm_start=True), "deq")
+  # Epoch 1 has no stored z* yet: the same run. Epoch 2 starts every
+  # example at its z* from epoch 1.
+  assert warm[0]["forward_steps"] == cold[0]["forward_steps"]
+  assert warm[1]["forward_steps"] < cold[1]["forward_steps"]
+
+
+def test_stabiliser_flags_are_checked(mnist_dir, tmp_path):
+  with pytest.raises(ValueError, match="dropout"):
+    mnist_train.train_and_evaluate(
+        mnist_config(mnist_dir, tmp_path,
+                     deq_options=layers.DeqOptions(dropout=1.0)), "deq")
+  with pytest.raises(ValueError, match="fp-weight"):
+    mnist_train.train_and_evaluate(
+        mnist_config(mnist_dir, tmp_path, fp_weight=(0.1, 0.2),
+                     deq_options=layers.DeqOptions(record_steps=(2, 3, 4))),
+        "deq")
+  result = run_cli(["--layer", "deq", "--fp-correction", "5,3"])
+  assert result.returncode == 2 and "increasing" in result.stderr
+  result = run_cli(["--layer", "deq", "--weight-norm", "--spectral-norm"])
+  assert result.returncode == 2 and "not allowed" in result.stderr
+  with pytest.raises(ValueError, match="UnrolledAdjoint"):
+    mnist_train.train_and_evaluate(
+        mnist_config(mnist_dir, tmp_path,
+                     deq_options=layers.DeqOptions(record_steps=(2,))),
+        "fixed_point")
 
 
 def test_resume_gives_the_uninterrupted_numbers(mnist_dir, tmp_path):

@@ -426,3 +426,17 @@ def test_multiscale_cell_bad_config():
     MultiscaleCell((4,), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="num_groups"):
     MultiscaleCell((4, 6), num_groups=4, rngs=nnx.Rngs(0))
+
+
+def test_deq_budget_changes_without_retrace():
+  deq = _tanh_deq()
+  x = jnp.ones((2, 6))
+
+  @nnx.jit
+  @chex.assert_max_traces(n=1)
+  def run(deq, x, budget):
+    deq(x, max_steps=budget)
+    return deq.stats.get_value().num_steps
+
+  chex.clear_trace_counter()
+  assert [int(run(deq, x, jnp.asarray(k))) for k in (1, 2, 5)] == [1, 2, 5]

@@ -41,6 +41,18 @@ def _steps(text: str) -> tuple[int, ...]:
   return steps
 
 
+def _weights(text: str) -> tuple[float, ...]:
+  """"0.5" or "0.3,0.6" -> positive loss weights."""
+  try:
+    weights = tuple(float(part) for part in text.split(","))
+  except ValueError:
+    weights = ()
+  if not weights or not all(0 < w < float("inf") for w in weights):
+    raise argparse.ArgumentTypeError(
+        f"expected positive weights like 0.5 or 0.3,0.6, got {text!r}")
+  return weights
+
+
 def _rate(text: str) -> float:
   try:
     value = float(text)
@@ -72,8 +84,10 @@ def add_deq_flags(parser: argparse.ArgumentParser) -> None:
   group.add_argument("--fp-correction", type=_steps, default=(),
                      metavar="K1,K2", help="also supervise the iterates after"
                      " these solver steps (fixed-point correction)")
-  group.add_argument("--fp-weight", type=positive_float, default=1.0,
-                     help="loss weight of each correction iterate")
+  group.add_argument("--fp-weight", type=_weights, default=(1.0,),
+                     metavar="W[,W2,...]", help="loss weight of the"
+                     " correction iterates: one for all, or one per step of"
+                     " --fp-correction")
   norm = group.add_mutually_exclusive_group()
   norm.add_argument("--weight-norm", action="store_true",
                     help="weight-normalise the cell's kernels")

@@ -7,10 +7,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import jaxdeq
-from jaxdeq.nnx import DEQ
 
 
 def residual_traces(experiment, model, inputs):
@@ -28,13 +26,21 @@ def residual_traces(experiment, model, inputs):
   if not isinstance(layer.adjoint, jaxdeq.ImplicitAdjoint):
     return forward_trace, None
   captured = []
-  probe = DEQ(layer.cell, layer.solver,
-              jaxdeq.ImplicitAdjoint(solver=layer.adjoint.solver,
-                                     callback=captured.append),
-              z_init=layer.z_init)
-  cotangent = jax.random.normal(jax.random.key(0), x.shape, x.dtype)
-  grad = nnx.grad(lambda probe, x: jnp.vdot(probe(x), cotangent), argnums=1)
-  jax.block_until_ready(grad(probe, x))
+  cell_map, cell_state = layer.cell_map()
+  adjoint = jaxdeq.ImplicitAdjoint(solver=layer.adjoint.solver,
+                                   callback=captured.append)
+  z0 = layer.initial_state(x)
+
+  def pulled(x):
+    z = jaxdeq.fixed_point(cell_map, z0, (cell_state, x),
+                           solver=layer.eval_solver, adjoint=adjoint).value
+    keys = jax.random.split(jax.random.key(0), len(jax.tree.leaves(z)))
+    cotangents = [jax.random.normal(k, v.shape, v.dtype)
+                  for k, v in zip(keys, jax.tree.leaves(z))]
+    return sum(jnp.vdot(v, c) for v, c in zip(jax.tree.leaves(z),
+                                                cotangents))
+
+  jax.block_until_ready(jax.grad(pulled)(x))
   jax.effects_barrier()
   stats = captured[-1]
   return forward_trace, np.asarray(stats.trace[:int(stats.num_steps)])

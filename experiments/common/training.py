@@ -10,12 +10,13 @@ written after every epoch, and a restarted run resumes from the last one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ class Config:
   progress: bool = True
   skip_grad_norm: Optional[float] = None
   deq_options: layers.DeqOptions = layers.DeqOptions()
-  fp_weight: float = 1.0
+  fp_weight: Union[float, tuple[float, ...]] = 1.0
   warm_start: bool = False
 
   def validate(self) -> None:
@@ -67,8 +68,20 @@ class Config:
                        f" {options.jacobian_penalty}")
     if not 0 <= options.dropout < 1:
       raise ValueError(f"--dropout must be in [0, 1), got {options.dropout}")
-    if not self.fp_weight > 0:
+    weights = self.fp_weights()
+    if not all(w > 0 for w in weights):
       raise ValueError(f"--fp-weight must be > 0, got {self.fp_weight}")
+    steps = len(options.record_steps)
+    if len(weights) not in (1, steps) and steps:
+      raise ValueError(
+          f"--fp-weight has {len(weights)} weights for {steps}"
+          " --fp-correction steps: give one, or one per step")
+
+  def fp_weights(self) -> tuple[float, ...]:
+    """One loss weight per correction state (or one for all)."""
+    if isinstance(self.fp_weight, (int, float)):
+      return (float(self.fp_weight),)
+    return tuple(float(w) for w in self.fp_weight)
     if self.skip_grad_norm is not None and not self.skip_grad_norm > 0:
       raise ValueError(f"--skip-grad-norm must be > 0, got"
                        f" {self.skip_grad_norm}")
@@ -117,12 +130,14 @@ def epoch_order(seed: int, epoch: int, size: int) -> jax.Array:
 
 def make_steps(experiment: Experiment,
                skip_grad_norm: Optional[float] = None,
-               penalty_weight: float = 0.0, fp_weight: float = 1.0,
+               penalty_weight: float = 0.0,
+               fp_weights: tuple[float, ...] = (1.0,),
                warm_start: bool = False):
   """The jitted train and eval steps of an experiment.
 
-  The loss is the cross-entropy at z*, plus `fp_weight` times the
-  cross-entropy at each fixed-point-correction state, plus `penalty_weight`
+  The loss is the cross-entropy at z*, plus `fp_weights[i]` times the
+  cross-entropy at correction state i (one weight: the same for all),
+  plus `penalty_weight`
   times the DEQ's Jacobian penalty. A train step whose parameter gradients
   are non-finite (the tutorial's NaN guard) or, with `skip_grad_norm`, whose
   global gradient norm exceeds it, is undone and counted in "skipped". With
@@ -139,8 +154,9 @@ def make_steps(experiment: Experiment,
       losses, wrong = losses * mask.astype(losses.dtype), wrong & mask
     errors = jnp.sum(wrong)
     loss = jnp.mean(losses)
-    for state_logits in extra:
-      loss = loss + jnp.asarray(fp_weight, loss.dtype) * jnp.mean(
+    for i, state_logits in enumerate(extra):
+      weight = fp_weights[i] if len(fp_weights) > 1 else fp_weights[0]
+      loss = loss + jnp.asarray(weight, loss.dtype) * jnp.mean(
           optax.softmax_cross_entropy_with_integer_labels(state_logits,
                                                           labels))
     layer = experiment.deq(model)
@@ -152,7 +168,9 @@ def make_steps(experiment: Experiment,
 
   wrt = nnx.DiffState(0, nnx.Any(nnx.Param, BackwardProbe))
 
-  @nnx.jit
+  # The warm-start store (one z* per training example) is donated: updated
+  # in place rather than copied whole at every step.
+  @functools.partial(nnx.jit, donate_argnums=(4,))
   def train_step(model, optimizer, images, labels, store=None, rows=None):
     # nnx.state holds references; snapshot the values the update replaces.
     before = jax.tree.map(jnp.copy, nnx.state((model, optimizer)))
@@ -325,7 +343,7 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
   train_step, eval_step = make_steps(
       experiment, config.skip_grad_norm,
       penalty_weight=config.deq_options.jacobian_penalty,
-      fp_weight=config.fp_weight, warm_start=config.warm_start)
+      fp_weights=config.fp_weights(), warm_start=config.warm_start)
   diagnostics = make_diagnostics(experiment)
   store = None
   if config.warm_start:

@@ -55,8 +55,9 @@ def fixed_point(
       every leaf's leading axis is the batch.
     args: the map's arguments (any pytree).
     solver: a jaxdeq solver; default `Anderson()`.
-    adjoint: `ImplicitAdjoint()` (default), `UnrolledAdjoint()` or
-      `PhantomAdjoint()`.
+    adjoint: `ImplicitAdjoint()` (default), `UnrolledAdjoint()`,
+      `PhantomAdjoint()`, `NeumannAdjoint()` or `SHINEAdjoint()` (with
+      `Broyden`).
     has_aux: `f` returns `(z_next, aux)`; `Solution.aux` is the aux at the
       returned value.
     throw: raise `FixedPointError` if the forward solve fails (see
@@ -158,8 +159,9 @@ def _check_options(f, solver, adjoint, has_aux, throw, batched,
         f" Anderson, Broyden, Newton), got {solver!r}")
   if not isinstance(adjoint, adjoint_lib.AbstractAdjoint):
     raise TypeError(
-        "fixed_point: adjoint must be ImplicitAdjoint(), UnrolledAdjoint() or"
-        f" PhantomAdjoint(), got {adjoint!r}")
+        "fixed_point: adjoint must be ImplicitAdjoint(), UnrolledAdjoint(),"
+        " PhantomAdjoint(), NeumannAdjoint() or SHINEAdjoint(), got"
+        f" {adjoint!r}")
   if not callable(f):
     raise TypeError(f"fixed_point: f must be callable, got {f!r}")
   for name, value in (("has_aux", has_aux), ("throw", throw),
