@@ -2,8 +2,9 @@
 
 python -m benchmarks.backward_accuracy [--repeats 5] [--record]
 
-For a tanh cell (TanhCell(100), its kernel scaled so that the map is far
-from trivially contracting, batch 100) and the tutorial's ResNet cell
+For a tanh cell (TanhCell(100), its kernel scaled x2 so that rho(df/dz) at
+z* is like a trained MNIST layer's: mean 0.77, max 1.01 over the batch;
+x3 and more do not converge forward, batch 100) and the tutorial's ResNet cell
 (ResNetCell(48, 64), batch 4, 32x32), all solved forward by the same
 Broyden (so z* is the same), each backward's parameter gradient is compared
 with the implicit one (ImplicitAdjoint with a tight backward tolerance):
@@ -37,11 +38,11 @@ BACKWARDS = {
 
 def _problems():
   tanh = TanhCell(100, rngs=nnx.Rngs(0))
-  tanh.kernel.set_value(tanh.kernel[...] * 8.0)
+  tanh.kernel.set_value(tanh.kernel[...] * 2.0)
   x_tanh = jax.random.normal(jax.random.key(1), (100, 100))
   resnet = ResNetCell(48, 64, rngs=nnx.Rngs(0))
   x_resnet = jax.random.normal(jax.random.key(2), (4, 32, 32, 48))
-  return [("TanhCell(100) x8, batch 100", tanh, x_tanh,
+  return [("TanhCell(100) x2, batch 100", tanh, x_tanh,
            jaxdeq.Broyden(tol=1e-5, max_steps=60, memory=30)),
           ("ResNetCell(48, 64), batch 4", resnet, x_resnet,
            jaxdeq.Broyden(tol=1e-4, max_steps=40, memory=30))]

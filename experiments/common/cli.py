@@ -53,26 +53,23 @@ def _weights(text: str) -> tuple[float, ...]:
   return weights
 
 
-def _rate(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got"
-                                     f" {text!r}") from None
-  if not 0 <= value < 1:
-    raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got"
-                                     f" {value}")
-  return value
+def _number_in(low: float, high: float, kind: str):
+  """An argparse type: a float with low <= value < high."""
+
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      value = float("nan")
+    if not low <= value < high:
+      raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}")
+    return value
+
+  return parse
 
 
-def _non_negative(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    value = float("nan")
-  if not 0 <= value < float("inf"):
-    raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-  return value
+_rate = _number_in(0.0, 1.0, "a rate in [0, 1)")
+_non_negative = _number_in(0.0, float("inf"), "a number >= 0")
 
 
 def add_deq_flags(parser: argparse.ArgumentParser) -> None:

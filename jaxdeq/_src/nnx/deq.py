@@ -140,6 +140,18 @@ class DEQ(nnx.Module):
     (4, 8)
     >>> float(deq.stats.get_value().converged_fraction)
     1.0
+
+    With the training stabilisers: a Jacobian penalty for the loss, one
+    supervised intermediate iterate, spectral normalisation, and a smaller
+    step cap at evaluation:
+
+    >>> deq = DEQ(TanhCell(8, rngs=nnx.Rngs(0)), jaxdeq.Anderson(tol=1e-5),
+    ...           jacobian_penalty=True, record_steps=(3,),
+    ...           normalization="spectral", eval_max_steps=10,
+    ...           rngs=nnx.Rngs(1))
+    >>> sol = deq.solve(jnp.ones((4, 8)))
+    >>> len(sol.states), bool(deq.penalty[...] > 0)
+    (1, True)
   """
 
   def __init__(self, cell: nnx.Module,
