@@ -31,7 +31,8 @@ def residual_traces(experiment, model, inputs):
                                    callback=captured.append)
   z0 = layer.initial_state(x)
 
-  def pulled(x):
+  # Everything as arguments: closed-over arrays would be constant-folded.
+  def pulled(x, cell_state, z0):
     z = jaxdeq.fixed_point(cell_map, z0, (cell_state, x),
                            solver=layer.eval_solver, adjoint=adjoint).value
     keys = jax.random.split(jax.random.key(0), len(jax.tree.leaves(z)))
@@ -40,7 +41,7 @@ def residual_traces(experiment, model, inputs):
     return sum(jnp.vdot(v, c) for v, c in zip(jax.tree.leaves(z),
                                                 cotangents))
 
-  jax.block_until_ready(jax.grad(pulled)(x))
+  jax.block_until_ready(jax.jit(jax.grad(pulled))(x, cell_state, z0))
   jax.effects_barrier()
   stats = captured[-1]
   return forward_trace, np.asarray(stats.trace[:int(stats.num_steps)])

@@ -76,12 +76,6 @@ class Config:
       raise ValueError(
           f"--fp-weight has {len(weights)} weights for {steps}"
           " --fp-correction steps: give one, or one per step")
-
-  def fp_weights(self) -> tuple[float, ...]:
-    """One loss weight per correction state (or one for all)."""
-    if isinstance(self.fp_weight, (int, float)):
-      return (float(self.fp_weight),)
-    return tuple(float(w) for w in self.fp_weight)
     if self.skip_grad_norm is not None and not self.skip_grad_norm > 0:
       raise ValueError(f"--skip-grad-norm must be > 0, got"
                        f" {self.skip_grad_norm}")
@@ -89,6 +83,12 @@ class Config:
       raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
     if self.batch_size < 1:
       raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+  def fp_weights(self) -> tuple[float, ...]:
+    """One loss weight per correction state (or one for all)."""
+    if isinstance(self.fp_weight, (int, float)):
+      return (float(self.fp_weight),)
+    return tuple(float(w) for w in self.fp_weight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,27 +263,45 @@ class _Checkpoints:
           path, options=ocp.CheckpointManagerOptions(max_to_keep=2,
                                                      create=True))
 
-  def restore(self, model, optimizer) -> tuple[int, list[dict]]:
-    """Loads the latest checkpoint into the objects; returns (epoch, history)."""
+  def restore(self, model, optimizer, store=None):
+    """Loads the latest checkpoint into the objects.
+
+    Returns:
+      (epoch, history, store): the warm-start store is restored when one is
+      passed and the checkpoint holds one (else it comes back unchanged).
+    """
     if self.manager is None or self.manager.latest_step() is None:
-      return 0, []
+      return 0, [], store
     step = self.manager.latest_step()
     state = nnx.state((model, optimizer))
-    restored = self.manager.restore(
-        step, args=self._ocp.args.Composite(
-            state=self._ocp.args.StandardRestore(nnx.to_pure_dict(state)),
-            history=self._ocp.args.JsonRestore()))
+    items = dict(
+        state=self._ocp.args.StandardRestore(nnx.to_pure_dict(state)),
+        history=self._ocp.args.JsonRestore())
+    saved_items = set(self.manager.item_metadata(step).keys())
+    if store is not None and "warm_start" in saved_items:
+      items["warm_start"] = self._ocp.args.StandardRestore(
+          {"z": store[0], "seen": store[1]})
+    restored = self.manager.restore(step,
+                                    args=self._ocp.args.Composite(**items))
     nnx.replace_by_pure_dict(state, restored["state"])
     nnx.update((model, optimizer), state)
-    return step, list(restored["history"])
+    if "warm_start" in items:
+      warm = restored["warm_start"]
+      store = jax.device_put((warm["z"], warm["seen"]),
+                             jax.tree.leaves(store)[0].sharding)
+    return step, list(restored["history"]), store
 
-  def save(self, epoch: int, model, optimizer, history: list[dict]) -> None:
+  def save(self, epoch: int, model, optimizer, history: list[dict],
+           store=None) -> None:
     if self.manager is None:
       return
     state = nnx.to_pure_dict(nnx.state((model, optimizer)))
-    self.manager.save(epoch, args=self._ocp.args.Composite(
-        state=self._ocp.args.StandardSave(state),
-        history=self._ocp.args.JsonSave(history)))
+    items = dict(state=self._ocp.args.StandardSave(state),
+                 history=self._ocp.args.JsonSave(history))
+    if store is not None:
+      items["warm_start"] = self._ocp.args.StandardSave(
+          {"z": store[0], "seen": store[1]})
+    self.manager.save(epoch, args=self._ocp.args.Composite(**items))
     self.manager.wait_until_finished()
 
 
@@ -351,7 +369,7 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
                               len(dataset.train_images), replicated)
 
   checkpoints = _Checkpoints(config.workdir)
-  start_epoch, history = checkpoints.restore(model, optimizer)
+  start_epoch, history, store = checkpoints.restore(model, optimizer, store)
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model,
                                                              nnx.Param)))
   print(f"{experiment.name}: {dataset.source}; {len(dataset.train_images)}"
@@ -427,7 +445,7 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
     }
     history.append(row)
     _print_row(row)
-    checkpoints.save(epoch, model, optimizer, history)
+    checkpoints.save(epoch, model, optimizer, history, store)
     if config.metrics_out:
       _write_metrics(config.metrics_out, history)
   if config.plots:

@@ -589,6 +589,9 @@ def _pull_to_args(fn, z_star, diff_args, rebuild, u):
   return vjp(u)[0]
 
 
+_MAX_UNROLLED_PHANTOM_STEPS = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class PhantomAdjoint(_CheapAdjoint):
   """Phantom gradient: backprop through `steps` damped steps from z*.
@@ -631,13 +634,17 @@ class PhantomAdjoint(_CheapAdjoint):
         z = tree.finite_or_zero(z)
         return z + self.damping * (fn(z, rebuild(a)) - z), finite
 
-      # Unrolled in Python (steps is small and static): XLA:CPU runs the
-      # kernel-gradient convolutions of a loop body far slower than the same
-      # convolutions outside a loop (the ResNet cell's phantom backward took
-      # 3x the implicit one inside fori_loop).
+      # A few steps are unrolled in Python: XLA:CPU runs the kernel-gradient
+      # convolutions of a loop body far slower than the same convolutions
+      # outside a loop (the ResNet cell's 5-step phantom backward took 3x the
+      # implicit one inside fori_loop). Many steps stay a loop: unrolled,
+      # their compilation grows with the steps.
       carry = (z_star, jnp.ones(z_star.shape[:1], bool))
-      for step in range(self.steps):
-        carry = damped_step(step, carry)
+      if self.steps <= _MAX_UNROLLED_PHANTOM_STEPS:
+        for step in range(self.steps):
+          carry = damped_step(step, carry)
+      else:
+        carry = jax.lax.fori_loop(0, self.steps, damped_step, carry)
       z, finite = carry
       return z, finite & jnp.all(jnp.isfinite(z), axis=1)
 
