@@ -417,8 +417,6 @@ def test_multiscale_deq_solves_a_tuple_state():
   z = deq(x)
   assert [v.shape for v in z] == [(2, 4, 4, 4), (2, 2, 2, 8)]
   assert float(deq.stats.get_value().converged_fraction) == 1.0
-  rho = deq.spectral_radius(x, jax.random.key(0))
-  assert bool(jnp.all(rho < 1))
 
 
 def test_multiscale_cell_bad_config():
