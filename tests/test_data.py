@@ -4,9 +4,9 @@ import gzip
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -100,10 +100,13 @@ def test_tfds_data_source_path_with_mock_data():
 
 def test_offline_failure_is_fast_and_helpful(tmp_path, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
-  started = time.perf_counter()
+  # Behaviour, not wall time: no connection is even attempted.
+  attempts = []
+  monkeypatch.setattr(socket.socket, "connect",
+                      lambda self, *a: attempts.append(a))
   with pytest.raises(data.DataError) as info:
     data.load("mnist", None)
-  assert time.perf_counter() - started < 5
+  assert attempts == []
   text = str(info.value)
   assert "--data-dir" in text and "does not download" in text
   assert "dataset-fashion-mnist" in text
@@ -115,15 +118,14 @@ def test_offline_failure_is_fast_and_helpful(tmp_path, monkeypatch):
 
 def test_offline_failure_from_the_command_line(tmp_path):
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path), HOME=str(tmp_path))
-  started = time.perf_counter()
   done = subprocess.run(
       [sys.executable, "-m", "experiments.mnist", "--layer", "deq",
        "--dataset", "mnist", "--no-progress"],
       capture_output=True, text=True, env=env, timeout=120)
-  elapsed = time.perf_counter() - started
-  assert done.returncode != 0
+  assert done.returncode == 1
+  assert done.stderr.startswith("error: no local copy of 'mnist'")
   assert "--data-dir" in done.stderr and "does not download" in done.stderr
-  assert elapsed < 30  # interpreter + jax import; no download attempt
+  assert "Traceback" not in done.stderr
   bad = subprocess.run(
       [sys.executable, "-m", "experiments.mnist", "--layer", "resnet"],
       capture_output=True, text=True, timeout=120)
@@ -132,3 +134,45 @@ def test_offline_failure_from_the_command_line(tmp_path):
       [sys.executable, "-m", "experiments.mnist", "--layer", "deq",
        "--epochs", "0"], capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "positive integer" in bad.stderr
+
+
+def test_gzip_corrupted_past_the_header_is_one_clear_error(tmp_path):
+  helpers.write_mnist_like(tmp_path, n_train=50, n_test=10)
+  target = tmp_path / "train-labels-idx1-ubyte.gz"
+  raw = bytearray(target.read_bytes())
+  # Flip bytes inside the deflate stream, past the gzip header: zlib's
+  # "invalid ... code" rather than a truncated file.
+  for i in range(20, len(raw) - 8):
+    raw[i] ^= 0x5A
+  target.write_bytes(bytes(raw))
+  with pytest.raises(data.DataError, match="corrupt") as info:
+    data.read_idx_dataset(tmp_path)
+  assert "train-labels-idx1-ubyte.gz" in str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_empty_splits_are_refused(tmp_path):
+  helpers.write_mnist_like(tmp_path / "idx", n_train=20, n_test=10)
+  helpers.write_idx(tmp_path / "idx" / "t10k-images-idx3-ubyte.gz",
+                    np.zeros((0, 28, 28), np.uint8), 2051)
+  helpers.write_idx(tmp_path / "idx" / "t10k-labels-idx1-ubyte.gz",
+                    np.zeros((0,), np.uint8), 2049)
+  with pytest.raises(data.DataError, match="test split has no examples"):
+    data.load("mnist", str(tmp_path / "idx")).check_not_empty()
+  helpers.write_cifar_like(tmp_path / "cifar", per_batch=4)
+  with open(tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch",
+            "wb") as handle:
+    pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"labels": []},
+                handle)
+  with pytest.raises(data.DataError, match="test split has no examples"):
+    data.load("cifar10", str(tmp_path / "cifar")).check_not_empty()
+
+
+def test_string_cifar_labels_are_named(tmp_path):
+  helpers.write_cifar_like(tmp_path, per_batch=4)
+  with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+    pickle.dump({b"data": np.zeros((4, 3072), np.uint8),
+                 b"labels": ["cat", "dog", "cat", "ship"]}, f)
+  with pytest.raises(data.DataError,
+                     match="data_batch_2: labels must be integers"):
+    data.load("cifar10", str(tmp_path))

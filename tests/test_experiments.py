@@ -255,3 +255,51 @@ def test_mnist_cli_skip_grad_norm_default(layer, flag, expected, monkeypatch):
                       lambda config, layer: seen.append(config))
   mnist_main.main(["--layer", layer, *flag])
   assert seen[0].skip_grad_norm == expected
+
+
+def test_resume_refuses_other_flags_and_says_when_complete(
+    mnist_dir, tmp_path, capsys):
+  workdir = str(tmp_path / "work")
+  metrics = tmp_path / "metrics.jsonl"
+  first = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path, epochs=1, batch_size=150,
+                   workdir=workdir), "deq")
+  out = capsys.readouterr().out
+  assert "100 are left out of each epoch" in out  # 400 = 2 x 150 + 100
+  saved = metrics.read_bytes()
+  with pytest.raises(ValueError) as info:
+    mnist_train.train_and_evaluate(
+        mnist_config(mnist_dir, tmp_path, epochs=2, batch_size=40,
+                     workdir=workdir), "fixed_point")
+  message = str(info.value)
+  assert "--batch-size: 150 there, 40 now" in message
+  assert "mnist/deq" in message and "mnist/fixed_point" in message
+  assert metrics.read_bytes() == saved  # nothing touched
+  again = mnist_train.train_and_evaluate(
+      mnist_config(mnist_dir, tmp_path, epochs=1, batch_size=150,
+                   workdir=workdir), "deq")
+  assert again == first
+  assert "already complete" in capsys.readouterr().out
+  # The command line says it in one line, exit status 1.
+  result = run_cli(["--layer", "fixed_point", "--data-dir", mnist_dir,
+                    "--workdir", workdir, "--epochs", "2", "--no-progress"])
+  assert result.returncode == 1
+  assert result.stderr.startswith("error: --workdir")
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag, make, message", [
+    ("workdir", lambda p: p.write_text("x") and p, "is a file"),
+    ("workdir", lambda p: p.write_text("x") and p / "sub", "is a file"),
+    ("metrics_out", lambda p: p.mkdir() or p, "is a directory"),
+    ("plots", lambda p: p.write_text("x") and p, "is a file"),
+])
+def test_bad_output_paths_fail_before_training(mnist_dir, tmp_path, flag,
+                                               make, message):
+  path = make(tmp_path / "target")
+  before = sorted(os.listdir(tmp_path))
+  overrides = {"metrics_out": None, flag: str(path)}
+  with pytest.raises(ValueError, match=message):
+    mnist_train.train_and_evaluate(
+        mnist_config(mnist_dir, tmp_path, **overrides), "deq")
+  assert sorted(os.listdir(tmp_path)) == before  # nothing left behind

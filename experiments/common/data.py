@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -39,6 +40,14 @@ class Dataset(NamedTuple):
   test_labels: np.ndarray
   num_classes: int
   source: str
+
+  def check_not_empty(self) -> "Dataset":
+    """Refuses a split without examples (before any training)."""
+    for split, images in (("training", self.train_images),
+                          ("test", self.test_images)):
+      if len(images) == 0:
+        raise DataError(f"{self.source}: the {split} split has no examples")
+    return self
 
   def limit(self, train: Optional[int], test: Optional[int]) -> "Dataset":
     """The first `train` / `test` examples (None keeps all)."""
@@ -77,9 +86,9 @@ def read_idx(path: os.PathLike, expected_magic: int) -> np.ndarray:
   try:
     with _open(path) as handle:
       raw = handle.read()
-  except (OSError, EOFError, gzip.BadGzipFile) as error:
-    raise DataError(f"{path}: cannot read ({error}); the file is corrupt or"
-                    " truncated") from error
+  except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as error:
+    raise DataError(f"{path}: cannot read ({type(error).__name__}: {error});"
+                    " the file is corrupt or truncated") from error
   if len(raw) < 8:
     raise DataError(f"{path}: {len(raw)} bytes, too short for an IDX header")
   magic = int.from_bytes(raw[:4], "big")
@@ -159,6 +168,10 @@ def read_cifar10_batches(directory: os.PathLike) -> Dataset:
                       " 'labels')")
     data = np.asarray(batch[b"data"])
     batch_labels = np.asarray(batch[b"labels"])
+    if batch_labels.size and not np.issubdtype(batch_labels.dtype,
+                                               np.integer):
+      raise DataError(f"{path}: labels must be integers 0..9, got dtype"
+                      f" {batch_labels.dtype} (e.g. {batch_labels[0]!r})")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
       raise DataError(f"{path}: data must be uint8 (N, 3072), got"
                       f" {data.dtype} {data.shape}")

@@ -116,6 +116,28 @@ class Experiment:
   forward: Callable[..., tuple]
 
 
+def _should_skip(grads, *unused, skip_grad_norm: Optional[float] = None):
+  """optax's `should_skip_update_fn`: gradients that are not finite (the
+  tutorial's NaN guard) or, with `skip_grad_norm`, whose global norm exceeds
+  it. Returns (skip, info)."""
+  del unused
+  skip = ~_tree_all_finite(grads)
+  if skip_grad_norm is not None:
+    skip |= ~(optax.tree.norm(grads) <= skip_grad_norm)
+  return skip, {"should_skip": skip}
+
+
+def guarded(optimizer: optax.GradientTransformation,
+            skip_grad_norm: Optional[float] = None
+            ) -> optax.GradientTransformation:
+  """`optimizer` that skips (zero update, state kept) the steps
+  `_should_skip` refuses: optax's `MultiSteps` with one step per update."""
+  return optax.MultiSteps(
+      optimizer, every_k_schedule=1,
+      should_skip_update_fn=functools.partial(
+          _should_skip, skip_grad_norm=skip_grad_norm))
+
+
 def _tree_all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -140,7 +162,10 @@ def make_steps(experiment: Experiment,
   plus `penalty_weight`
   times the DEQ's Jacobian penalty. A train step whose parameter gradients
   are non-finite (the tutorial's NaN guard) or, with `skip_grad_norm`, whose
-  global gradient norm exceeds it, is undone and counted in "skipped". With
+  global gradient norm exceeds it, is counted in "skipped" and leaves the
+  model as it was: the optimiser must be `guarded(..., skip_grad_norm)`,
+  which skips the update, and the step restores the model's non-parameter
+  state. With
   `warm_start`, the train step takes and returns the store of each training
   example's last z* (and a seen mask) and starts its solve there.
   """
@@ -167,13 +192,17 @@ def make_steps(experiment: Experiment,
     return loss, (jnp.sum(losses), errors, stats.num_steps, penalty, z_star)
 
   wrt = nnx.DiffState(0, nnx.Any(nnx.Param, BackwardProbe))
+  should_skip = functools.partial(_should_skip, skip_grad_norm=skip_grad_norm)
 
   # The warm-start store (one z* per training example) is donated: updated
   # in place rather than copied whole at every step.
   @functools.partial(nnx.jit, donate_argnums=(4,))
   def train_step(model, optimizer, images, labels, store=None, rows=None):
-    # nnx.state holds references; snapshot the values the update replaces.
-    before = jax.tree.map(jnp.copy, nnx.state((model, optimizer)))
+    # The forward pass may move the model's non-parameter state (DEQ stats,
+    # BatchNorm statistics, spectral-norm vectors, RNG counts); a skipped
+    # step puts back this small part. Parameters and optimiser state are
+    # left alone by the guarded optimiser itself (no copy of them).
+    state_before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Not(nnx.Param)))
     warm = None
     if warm_start:
       warm = (jax.tree.map(lambda s: s[rows], store[0]), store[1][rows])
@@ -183,17 +212,15 @@ def make_steps(experiment: Experiment,
     param_grads, probe_grads = nnx.split_state(grads, nnx.Param, BackwardProbe)
     backward = jaxdeq.BackwardStats.from_probe_grad(
         jax.tree.leaves(probe_grads)[0])
-    keep = _tree_all_finite(param_grads)
-    if skip_grad_norm is not None:
-      keep &= optax.global_norm(param_grads) <= skip_grad_norm
+    skip, _ = should_skip(param_grads)
     # optax's own updates (Adam's bias correction: float ** int32 count)
     # promote implicitly; everything else here runs under strict promotion.
     with jax.numpy_dtype_promotion("standard"):
       optimizer.update(model, param_grads)
-    # The tutorial's NaN guard: a step with non-finite gradients is undone.
-    after = nnx.state((model, optimizer))
-    nnx.update((model, optimizer), jax.tree.map(
-        lambda new, old: jnp.where(keep, new, old), after, before))
+    state_after = nnx.state(model, nnx.Not(nnx.Param))
+    nnx.update(model, jax.tree.map(lambda new, old: jnp.where(skip, old, new),
+                                   state_after, state_before))
+    keep = ~skip
     if warm_start:
       z_star = jax.lax.stop_gradient(z_star)
       store = (jax.tree.map(lambda s, z: s.at[rows].set(z.astype(s.dtype)),
@@ -320,10 +347,12 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
     One dict of metrics per epoch (the keys of `METRIC_KEYS`).
   """
   config.validate()
+  _check_output_paths(config)
+  _check_resume(config, experiment)
   if config.distributed:
     jax.distributed.initialize()
-  dataset = data_lib.load(config.dataset, config.data_dir).limit(
-      config.limit_train, config.limit_test)
+  dataset = data_lib.load(config.dataset, config.data_dir).check_not_empty(
+      ).limit(config.limit_train, config.limit_test)
   devices = jax.devices()
   if config.batch_size % len(devices):
     raise ValueError(f"--batch-size {config.batch_size} must be a multiple of"
@@ -332,6 +361,12 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
   if steps_per_epoch == 0:
     raise ValueError(f"{len(dataset.train_images)} training examples are"
                      f" fewer than one batch of {config.batch_size}")
+  dropped = len(dataset.train_images) - steps_per_epoch * config.batch_size
+  if dropped:
+    print(f"note: --batch-size {config.batch_size} does not divide the"
+          f" {len(dataset.train_images)} training examples: {dropped} are"
+          " left out of each epoch (a different random subset every epoch)",
+          flush=True)
   mesh = Mesh(np.asarray(devices), ("data",))
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -354,7 +389,8 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
 
   model = experiment.make_model(nnx.Rngs(config.seed), config.deq_options)
   optimizer = nnx.Optimizer(
-      model, experiment.make_optimizer(steps_per_epoch, config.epochs),
+      model, guarded(experiment.make_optimizer(steps_per_epoch, config.epochs),
+                     config.skip_grad_norm),
       wrt=nnx.Param)
   state = nnx.state((model, optimizer))
   nnx.update((model, optimizer), jax.device_put(state, replicated))
@@ -383,6 +419,12 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
     _write_metrics(config.metrics_out, history)
   for row in history:
     _print_row(row)
+  if start_epoch >= config.epochs:
+    print(f"the run in {config.workdir} is already complete: it holds"
+          f" {start_epoch} epochs (--epochs {config.epochs}); nothing to"
+          " train. Ask for more --epochs to continue it, or use a new"
+          " --workdir.", flush=True)
+    return history
 
   test_batches = -(-len(dataset.test_images) // config.batch_size)
   test_order = jnp.arange(test_batches * config.batch_size) % len(
@@ -396,6 +438,10 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
     order = epoch_order(config.seed, epoch, len(dataset.train_images))
     model.train()
     bar = _progress(steps_per_epoch, config.progress, f"epoch {epoch}")
+    if epoch == start_epoch + 1 and bar.disable:
+      # Without a progress bar the first epoch is a long silence otherwise.
+      print(f"epoch {epoch}: compiling the training step, then"
+            f" {steps_per_epoch} steps...", flush=True)
     started = time.perf_counter()
     step_metrics = []
     for index in range(steps_per_epoch):
@@ -446,6 +492,8 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
     history.append(row)
     _print_row(row)
     checkpoints.save(epoch, model, optimizer, history, store)
+    if config.workdir and epoch == start_epoch + 1:
+      _write_run_record(config, experiment)
     if config.metrics_out:
       _write_metrics(config.metrics_out, history)
   if config.plots:
@@ -477,6 +525,96 @@ def _print_row(row: dict) -> None:
   print(" ".join(fmt.format(row.get(name, float("nan")) if "d" not in fmt
                             else row.get(name, 0)) for name, fmt in _COLUMNS),
         flush=True)
+
+
+# Config fields that do not change what a run computes: they may differ
+# between a run and its resumption.
+_RESUMABLE_FIELDS = ("epochs", "data_dir", "metrics_out", "workdir", "plots",
+                     "progress", "distributed")
+_RUN_RECORD = "run.json"
+
+
+def _run_identity(config: Config, experiment: Experiment) -> dict:
+  """The settings a resumed run must share with the run saved in workdir,
+  keyed by their command-line flag."""
+  identity = {"experiment (--layer / --model)": experiment.name}
+  for field in dataclasses.fields(config):
+    if field.name in _RESUMABLE_FIELDS or field.name == "deq_options":
+      continue
+    value = getattr(config, field.name)
+    if field.name == "fp_weight":
+      value = list(config.fp_weights())
+    identity["--" + field.name.replace("_", "-")] = value
+  options = config.deq_options
+  identity.update({
+      "--jacobian-penalty": options.jacobian_penalty,
+      "--fp-correction": list(options.record_steps),
+      "--weight-norm / --spectral-norm": options.normalization,
+      "--dropout": options.dropout,
+      "--eval-max-steps": options.eval_max_steps,
+  })
+  return json.loads(json.dumps(identity))
+
+
+def _check_resume(config: Config, experiment: Experiment) -> None:
+  """Refuses to resume a run in workdir that was started with other flags."""
+  if not config.workdir:
+    return
+  record = Path(config.workdir) / _RUN_RECORD
+  if not record.is_file():
+    return
+  try:
+    saved = json.loads(record.read_text())
+  except (OSError, ValueError) as error:
+    raise ValueError(f"{record}: unreadable ({error}); it records the flags"
+                     " of the run saved in --workdir") from error
+  now = _run_identity(config, experiment)
+  differ = [f"{key}: {saved.get(key)!r} there, {now.get(key)!r} now"
+            for key in sorted(set(saved) | set(now))
+            if saved.get(key) != now.get(key)]
+  if differ:
+    raise ValueError(
+        f"--workdir {config.workdir} holds a run started with other settings;"
+        " resuming would mix the two. Differences: " + "; ".join(differ)
+        + ". Use the saved flags to resume it, or a new --workdir.")
+
+
+def _write_run_record(config: Config, experiment: Experiment) -> None:
+  record = Path(config.workdir) / _RUN_RECORD
+  if record.is_file():
+    return
+  temporary = record.with_suffix(".tmp")
+  temporary.write_text(json.dumps(_run_identity(config, experiment),
+                                  indent=1))
+  os.replace(temporary, record)
+
+
+def _check_output_paths(config: Config) -> None:
+  """One-line errors, before any work, for outputs that cannot be written."""
+
+  def writable_ancestor(path: Path, flag: str) -> None:
+    ancestor = path.absolute()
+    while not ancestor.exists():
+      ancestor = ancestor.parent
+    if not ancestor.is_dir():
+      raise ValueError(f"{flag} {path}: {ancestor} is a file, not a"
+                       " directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+      raise ValueError(f"{flag} {path}: {ancestor} is not writable")
+
+  for flag, value in (("--workdir", config.workdir),
+                      ("--plots", config.plots)):
+    if value:
+      path = Path(value)
+      if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {value} is a file; it must be a directory")
+      writable_ancestor(path, flag)
+  if config.metrics_out:
+    path = Path(config.metrics_out)
+    if path.is_dir():
+      raise ValueError(f"--metrics-out {path} is a directory; it must be a"
+                       " file path (one JSON line per epoch)")
+    writable_ancestor(path.parent, "--metrics-out")
 
 
 def _warm_start_store(experiment, model, example_images, size, sharding):
