@@ -47,9 +47,12 @@ def test_mnist_layer_trains(layer, mnist_dir, tmp_path):
   assert rows == history and [r["epoch"] for r in rows] == [1, 2]
   for row in rows:
     assert set(training.METRIC_KEYS) <= set(row)
-    assert 0 <= row["test_error"] <= 1 and row["skipped_steps"] == 0
-    assert row["forward_steps"] >= 1
+    assert row["skipped_steps"] == 0 and row["forward_steps"] >= 1
+  # The synthetic digits are learnable: a layer that trains fits them (every
+  # layer reaches 0 test errors here; chance is 0.9).
+  assert rows[1]["test_error"] < 0.05
   assert rows[1]["train_loss"] < rows[0]["train_loss"]
+  assert rows[1]["test_loss"] < rows[0]["test_loss"]
   if layer in ("newton_implicit", "newton_implicit_gmres", "deq"):
     assert rows[0]["backward_steps"] >= 1
   else:
@@ -162,7 +165,9 @@ def test_nan_guard_skips_steps(mnist_dir, tmp_path, monkeypatch):
     assert 1 <= row["skipped_steps"] < steps
   # Parameters stayed finite: clean test batches still give finite losses,
   # and training made progress on the clean batches.
-  assert history[1]["train_error"] < 0.9
+  # (Poisoned test batches count as wrong: ~45% here; chance is 90%.)
+  assert np.isfinite(history[1]["test_loss"])
+  assert history[1]["test_error"] < 0.6
 
 
 def test_skip_grad_norm_undoes_large_updates(mnist_dir, tmp_path):
