@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments.cifar10 import train as cifar_train
-from experiments.common import layers, training
+from experiments.common import data, layers, training
 from experiments.mnist import train as mnist_train
 from tests import helpers
 
@@ -308,3 +308,19 @@ def test_bad_output_paths_fail_before_training(mnist_dir, tmp_path, flag,
     mnist_train.train_and_evaluate(
         mnist_config(mnist_dir, tmp_path, **overrides), "deq")
   assert sorted(os.listdir(tmp_path)) == before  # nothing left behind
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DEBIAN_DIR),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_conv_deq_learns_real_fashion_mnist(tmp_path):
+  # The tutorial's convolutional DEQ on real images, tiny: 1,000 training
+  # examples, 2 epochs (~3 minutes on 2 CPU cores). Chance is 90% error.
+  config = training.Config(
+      dataset="fashion_mnist", epochs=2, batch_size=100, progress=False,
+      limit_train=1000, limit_test=500,
+      metrics_out=str(tmp_path / "m.jsonl"))
+  history = cifar_train.train_and_evaluate(config, "deq_resnet")
+  assert history[1]["train_loss"] < history[0]["train_loss"]
+  assert history[1]["test_error"] < 0.5
+  assert history[1]["skipped_steps"] == 0

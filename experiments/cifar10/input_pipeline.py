@@ -7,5 +7,5 @@ import jax.numpy as jnp
 
 
 def preprocess(images: jax.Array) -> jax.Array:
-  """uint8 (B, 32, 32, 3) -> float32 in [0, 1], like ToTensor()."""
+  """uint8 (B, H, W, C) -> float32 in [0, 1], like ToTensor()."""
   return images.astype(jnp.float32) / 255.0

@@ -17,11 +17,16 @@ def main(argv=None) -> None:
                       choices=["deq_resnet", "mdeq_small"],
                       help="the tutorial's ResNet-cell DEQ, or MDEQ-small"
                       " (two resolutions, a MultiscaleCell)")
+  parser.add_argument("--dataset", default="cifar10",
+                      choices=["cifar10", "fashion_mnist", "mnist"],
+                      help="CIFAR-10, or MNIST-format images (1 channel,"
+                      " 28x28; Fashion-MNIST is installed by Debian's"
+                      " dataset-fashion-mnist)")
   cli.add_common_flags(parser, "epochs (default 50, the tutorial's)")
   cli.add_deq_flags(parser)
   args = parser.parse_args(argv)
   config = training.Config(
-      dataset="cifar10", data_dir=args.data_dir, epochs=args.epochs or 50,
+      dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs or 50,
       batch_size=args.batch_size, seed=args.seed,
       metrics_out=args.metrics_out, workdir=args.workdir, plots=args.plots,
       limit_train=args.limit_train, limit_test=args.limit_test,

@@ -24,17 +24,23 @@ def batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
 class CifarDEQ(nnx.Module):
   """conv 3->48 + BN, DEQ(ResNetCell(48, 64)), BN, 8x8 avg pool, 768->10.
 
+  `in_channels=1` takes MNIST-format images (28x28: 7x7 pooling, the same
+  4x4 grid of features).
+
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> CifarDEQ(nnx.Rngs(0))(jnp.zeros((2, 32, 32, 3))).shape
     (2, 10)
+    >>> CifarDEQ(nnx.Rngs(0), in_channels=1)(jnp.zeros((2, 28, 28, 1))).shape
+    (2, 10)
   """
 
   def __init__(self, rngs: nnx.Rngs,
-               options: Optional[layers.DeqOptions] = None):
+               options: Optional[layers.DeqOptions] = None,
+               in_channels: int = 3):
     options = options or layers.DeqOptions()
-    self.stem = layers.conv(3, CHANNELS, 3, rngs)
+    self.stem = layers.conv(in_channels, CHANNELS, 3, rngs)
     self.norm_in = batch_norm(CHANNELS, rngs)
     cell = options.cell(ResNetCell(CHANNELS, 64, kernel_size=3, rngs=rngs),
                         rngs, broadcast_dims=(1, 2))
@@ -48,7 +54,7 @@ class CifarDEQ(nnx.Module):
     return self.norm_in(self.stem(images))
 
   def classify(self, z: jax.Array) -> jax.Array:
-    return self.head(average_pool_8x8(self.norm_out(z)).reshape(
+    return self.head(average_pool_to_4x4(self.norm_out(z)).reshape(
         z.shape[0], -1))
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -83,10 +89,11 @@ class CifarMDEQ(nnx.Module):
   """
 
   def __init__(self, rngs: nnx.Rngs,
-               options: Optional[layers.DeqOptions] = None):
+               options: Optional[layers.DeqOptions] = None,
+               in_channels: int = 3):
     options = options or layers.DeqOptions()
     fine, coarse = MDEQ_CHANNELS
-    self.stem = layers.conv(3, fine, 3, rngs)
+    self.stem = layers.conv(in_channels, fine, 3, rngs)
     self.norm_fine = batch_norm(fine, rngs)
     self.down = layers.conv(fine, coarse, 3, rngs)
     self.norm_coarse = batch_norm(coarse, rngs)
@@ -127,17 +134,23 @@ def _mean_pool_2x2(z: jax.Array) -> jax.Array:
                   axis=(2, 4))
 
 
-def average_pool_8x8(z: jax.Array) -> jax.Array:
-  """Non-overlapping 8x8 mean pooling of NHWC maps.
+def average_pool_to_4x4(z: jax.Array) -> jax.Array:
+  """Non-overlapping mean pooling of NHWC maps to a 4x4 grid (8x8 blocks for
+  32x32 maps, 7x7 for 28x28).
 
   (`nnx.avg_pool` divides by an integer count, which strict dtype promotion
   refuses.)
 
   Example:
     >>> import jax.numpy as jnp
-    >>> average_pool_8x8(jnp.ones((2, 32, 32, 3))).shape
+    >>> average_pool_to_4x4(jnp.ones((2, 32, 32, 3))).shape
+    (2, 4, 4, 3)
+    >>> average_pool_to_4x4(jnp.ones((2, 28, 28, 3))).shape
     (2, 4, 4, 3)
   """
   batch, height, width, channels = z.shape
-  blocks = z.reshape(batch, height // 8, 8, width // 8, 8, channels)
+  if height % 4 or width % 4:
+    raise ValueError(f"maps of {height}x{width} do not pool to 4x4")
+  bh, bw = height // 4, width // 4
+  blocks = z.reshape(batch, 4, bh, 4, bw, channels)
   return jnp.mean(blocks, axis=(2, 4))

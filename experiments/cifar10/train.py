@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 
 import optax
 
@@ -16,13 +17,21 @@ def make_optimizer(steps_per_epoch: int, epochs: int):
   return optax.adam(schedule)
 
 
-def experiment(model: str = "deq_resnet") -> training.Experiment:
+DATASETS = {"cifar10": 3, "fashion_mnist": 1, "mnist": 1}  # -> channels
+
+
+def experiment(model: str = "deq_resnet",
+               dataset: str = "cifar10") -> training.Experiment:
   if model not in models.MODELS:
     raise ValueError(f"unknown --model {model!r}; choose one of"
                      f" {', '.join(models.MODELS)}")
-  make = models.MODELS[model]
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown --dataset {dataset!r}; choose one of"
+                     f" {', '.join(DATASETS)}")
+  make = functools.partial(models.MODELS[model],
+                           in_channels=DATASETS[dataset])
   return training.Experiment(
-      name=f"cifar10/{model}",
+      name=f"{dataset}/{model}",
       make_model=make,
       make_optimizer=make_optimizer,
       preprocess=input_pipeline.preprocess,
@@ -32,10 +41,12 @@ def experiment(model: str = "deq_resnet") -> training.Experiment:
   )
 
 
-EXPERIMENT = experiment("deq_resnet")
+EXPERIMENT = experiment("deq_resnet", "cifar10")
 
 
 def train_and_evaluate(config: training.Config,
                        model: str = "deq_resnet") -> list[dict]:
-  """Trains a CIFAR-10 DEQ (`model`: deq_resnet or mdeq_small)."""
-  return training.train_and_evaluate(config, experiment(model))
+  """Trains a convolutional DEQ (`model`: deq_resnet or mdeq_small) on
+  `config.dataset` (CIFAR-10, or MNIST-format images: 1 channel, 28x28)."""
+  return training.train_and_evaluate(config, experiment(model,
+                                                        config.dataset))
