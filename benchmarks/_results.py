@@ -76,3 +76,12 @@ def command(module: str, argv=None) -> str:
   """The command line that ran `benchmarks.<module>`, for a section header."""
   args = sys.argv[1:] if argv is None else argv
   return " ".join(["python -m benchmarks." + module, *args])
+
+
+def report(body: str, *, record: bool, title: str, module: str,
+           argv=None) -> None:
+  """Prints `body`; with `record`, appends it to RESULTS.md as `title`."""
+  if record:
+    append(title, command(module, argv), body)
+  else:
+    print(body)

@@ -89,11 +89,9 @@ def main(argv=None) -> None:
   body = _results.markdown_table(
       ["problem", "backward", "relative error vs implicit", "cosine",
        "fwd+bwd ms"], rows)
-  if args.record:
-    _results.append("Cheaper backwards against the implicit gradient",
-                    _results.command("backward_accuracy", argv), body)
-  else:
-    print(body)
+  _results.report(body, record=args.record,
+                  title="Cheaper backwards against the implicit gradient",
+                  module="backward_accuracy", argv=argv)
 
 
 if __name__ == "__main__":

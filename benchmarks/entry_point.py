@@ -83,11 +83,9 @@ def main(argv=None) -> None:
   rows = eager_rows(args.repeats) + step_rows(args.repeats)
   body = (f"jaxdeq at {jaxdeq.__file__}\n\n"
           + _results.markdown_table(["what", "median ms"], rows))
-  if args.record:
-    _results.append("Entry point: eager calls and fwd+bwd steps",
-                    _results.command("entry_point", argv), body)
-  else:
-    print(body)
+  _results.report(body, record=args.record,
+                  title="Entry point: eager calls and fwd+bwd steps",
+                  module="entry_point", argv=argv)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def main(argv=None) -> None:
   for name in args.runs:
     history, seconds = run(name, args.epochs, args.data_dir, args.limit_train,
                            args.seed)
-    first, last = history[0], history[-1]
+    last = history[-1]
     rows.append([
         name,
         " / ".join(f"{r['forward_steps']:.1f}" for r in history),
@@ -87,17 +87,13 @@ def main(argv=None) -> None:
         f"{last['train_seconds']:.1f}",
         f"{seconds:.0f}",
     ])
-    del first
   header = ["run", "forward steps per batch, epoch 1 / 2 / ...",
             "rho mean / max (last)", "||J||_F^2/d (last)", "test error %",
             "skipped updates", "last epoch s", "run s"]
   body = _results.markdown_table(header, rows)
-  if args.record:
-    _results.append(
-        f"Stabilisers on Fashion-MNIST, {args.epochs} epochs",
-        _results.command("stabilizers", argv), body)
-  else:
-    print(body)
+  _results.report(body, record=args.record,
+                  title=f"Stabilisers on Fashion-MNIST, {args.epochs} epochs",
+                  module="stabilizers", argv=argv)
 
 
 if __name__ == "__main__":

@@ -259,14 +259,10 @@ def make_diagnostics(experiment: Experiment, num_probes: int = 4,
     layer = experiment.deq(model)
     x = experiment.deq_input(model, experiment.preprocess(images))
     z = layer.solve(x).value
-    cell_map, cell_state = layer.cell_map()
     penalty_key, rho_key = jax.random.split(key)
-    penalty = jaxdeq.jacobian_penalty(cell_map, z, (cell_state, x),
-                                      penalty_key, num_probes=num_probes)
-    size = sum(v[0].size for v in jax.tree.leaves(z))
+    penalty = layer.penalty_at(x, penalty_key, z=z, num_probes=num_probes)
     rho = layer.spectral_radius(x, rho_key, num_iters=num_iters, z=z)
-    return (jnp.mean(penalty) / jnp.asarray(size, penalty.dtype),
-            jnp.mean(rho), jnp.max(rho))
+    return penalty, jnp.mean(rho), jnp.max(rho)
 
   return diagnostics
 

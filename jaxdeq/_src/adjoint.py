@@ -14,6 +14,7 @@ from jaxdeq._src import loop
 from jaxdeq._src import solution as solution_lib
 from jaxdeq._src import tree
 from jaxdeq._src.solvers import base
+from jaxdeq._src.solvers import broyden
 
 
 class BackwardStats(NamedTuple):
@@ -746,8 +747,6 @@ class SHINEAdjoint(_CheapAdjoint):
                       f" {self.solver!r}")
 
   def solve(self, fn, z0, args, solver, *, budget=None, record_steps=()):
-    from jaxdeq._src.solvers import broyden
-
     if not isinstance(solver, broyden.Broyden):
       raise TypeError(
           "SHINEAdjoint reuses Broyden's inverse-Jacobian estimate: the"
@@ -760,8 +759,6 @@ class SHINEAdjoint(_CheapAdjoint):
 
   def args_cotangent(self, fn, solver, z_star, solver_state, diff_args,
                      rebuild, cotangent):
-    from jaxdeq._src.solvers import broyden
-
     vjp = _state_vjp(fn, z_star, rebuild(diff_args))
     estimate = -broyden.inverse_rmatvec(solver_state, cotangent)
 

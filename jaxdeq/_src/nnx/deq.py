@@ -242,12 +242,34 @@ class DEQ(nnx.Module):
   def cell_map(self) -> tuple[Callable[[Any, Any], Any], Any]:
     """(f, cell_state): f(z, (cell_state, x)) = cell(z, x), with the
     normalised kernels when `normalization` is set (no state update)."""
+    return self._cell_map(update=False)
+
+  def _cell_map(self, update: bool):
     graphdef, cell_state = nnx.split(self.cell)
     if self.normalization is not None:
-      cell_state = self.normalization.apply(cell_state, update=False)
+      # Once per solve: the solver sees the normalised kernels as arguments;
+      # `update` advances spectral normalisation's power iteration.
+      cell_state = self.normalization.apply(cell_state, update=update)
     cell_map = (_CellMapWithJacobian if hasattr(self.cell, "residual_jacobian")
                 else _CellMap)(graphdef)
     return cell_map, cell_state
+
+  def penalty_at(self, x: Any, key: jax.Array, *, z: Any,
+                 num_probes: int = 1) -> jax.Array:
+    """The batch mean of ||d cell / dz||_F^2 / d at `z` (what
+    `jacobian_penalty=True` stores in `deq.penalty`), as float32.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxdeq.nnx import DEQ, TanhCell
+      >>> deq = DEQ(TanhCell(8, rngs=nnx.Rngs(0)))
+      >>> x = jnp.ones((4, 8))
+      >>> bool(deq.penalty_at(x, jax.random.key(0), z=deq(x)) > 0)
+      True
+    """
+    cell_map, cell_state = self.cell_map()
+    return _mean_penalty(cell_map, cell_state, x, z, key, num_probes)
 
   def spectral_radius(self, x: Any, key: jax.Array, *, num_iters: int = 20,
                       z: Any = None) -> jax.Array:
@@ -284,12 +306,7 @@ class DEQ(nnx.Module):
     training = not self.deterministic
     if training:
       stabilizers.draw_dropout_masks(self.cell)
-    graphdef, cell_state = nnx.split(self.cell)
-    if self.normalization is not None:
-      # Once per solve: the solver sees the normalised kernels as arguments.
-      cell_state = self.normalization.apply(cell_state, update=training)
-    cell_map = (_CellMapWithJacobian if hasattr(self.cell, "residual_jacobian")
-                else _CellMap)(graphdef)
+    cell_map, cell_state = self._cell_map(update=training)
     if z0 is None:
       z0 = self.initial_state(x)
     sol = fixed_point_lib.fixed_point(
@@ -302,19 +319,24 @@ class DEQ(nnx.Module):
         record_steps=self.record_steps if training else ())
     _record(self.stats, DEQStats.summarize(sol.stats, self.trace_rows))
     if training and self.jacobian_penalty:
-      size = sum(v[0].size for v in jax.tree.leaves(sol.value))
-      penalty = regularizers.jacobian_penalty(
-          cell_map, sol.value, (cell_state, x), self.rngs(),
-          num_probes=self.penalty_probes)
-      _record(self.penalty,
-              (jnp.mean(penalty) / jnp.asarray(size, penalty.dtype)
-               ).astype(jnp.float32))
+      _record(self.penalty, _mean_penalty(
+          cell_map, cell_state, x, sol.value, self.rngs(),
+          self.penalty_probes))
     if self.unconverged == "zero":
       converged = sol.stats.converged
       sol = sol._replace(value=jax.tree.map(
           lambda v: jnp.where(base.per_sample(converged, v), v, 0),
           sol.value))
     return sol
+
+
+def _mean_penalty(cell_map, cell_state, x, z, key, num_probes) -> jax.Array:
+  """Batch mean of the Hutchinson ||df/dz||_F^2 over the state size d."""
+  size = sum(v[0].size for v in jax.tree.leaves(z))
+  penalty = regularizers.jacobian_penalty(cell_map, z, (cell_state, x), key,
+                                          num_probes=num_probes)
+  return (jnp.mean(penalty) / jnp.asarray(size, penalty.dtype)).astype(
+      jnp.float32)
 
 
 def _record(variable: nnx.Variable, value: Any) -> None:
