@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -196,24 +197,45 @@ def run_cli(args, env=None, **kwargs):
                         env=env, **kwargs)
 
 
-def test_four_devices_match_one_device(mnist_dir, tmp_path):
+def free_port():
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    return probe.getsockname()[1]
+
+
+def test_two_processes_match_one_process(mnist_dir, tmp_path):
+  """`--distributed` on localhost: 2 processes of 2 CPU devices each (JAX's
+  gloo collectives) train the same global batch as 1 process on 1 device."""
   args = ["--layer", "deq", "--data-dir", mnist_dir, "--epochs", "1",
           "--batch-size", "100", "--no-progress"]
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  one = run_cli(args + ["--metrics-out", str(tmp_path / "one.jsonl")],
-                env=env, timeout=300)
-  assert one.returncode == 0, one.stderr
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-  four = run_cli(args + ["--metrics-out", str(tmp_path / "four.jsonl")],
-                 env=env, timeout=300)
-  assert four.returncode == 0, four.stderr
-  assert "4 device(s)" in four.stdout
+  one = subprocess.Popen(
+      [sys.executable, "-m", "experiments.mnist", *args, "--metrics-out",
+       str(tmp_path / "one.jsonl")], cwd=REPO, env=env, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  cluster = ["--distributed", "--num-processes", "2",
+             "--coordinator-address", f"localhost:{free_port()}",
+             "--metrics-out", str(tmp_path / "two.jsonl"),
+             "--workdir", str(tmp_path / "two")]
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.mnist", *args, *cluster,
+       "--process-id", str(i)], cwd=REPO, env=env, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in [one, *processes]]
+  for process, (_, stderr) in zip([one, *processes], outputs):
+    assert process.returncode == 0, stderr
+  assert "4 device(s) (cpu) in 2 processes" in outputs[1][0]
+  assert "train_error" not in outputs[2][0]  # only the first one prints
   a, b = read_metrics(tmp_path / "one.jsonl"), read_metrics(
-      tmp_path / "four.jsonl")
-  for key in ("train_loss", "test_loss", "train_error", "test_error"):
+      tmp_path / "two.jsonl")
+  for key in ("train_loss", "test_loss", "train_error", "test_error",
+              "forward_steps", "backward_steps"):
     np.testing.assert_allclose(b[0][key], a[0][key], rtol=1e-4, atol=1e-4,
                                err_msg=key)
+  # Both processes wrote their shards into one checkpoint.
+  assert (tmp_path / "two" / "checkpoints" / "1").is_dir()
 
 
 @pytest.mark.slow
@@ -253,13 +275,67 @@ def test_kill_minus_nine_then_resume(mnist_dir, tmp_path):
     ("fixed_point", [], None),
     ("newton_implicit", [], None),
 ])
-def test_mnist_cli_skip_grad_norm_default(layer, flag, expected, monkeypatch):
+def test_mnist_cli_skip_grad_norm_default(layer, flag, expected):
   from experiments.mnist import main as mnist_main
-  seen = []
-  monkeypatch.setattr(mnist_train, "train_and_evaluate",
-                      lambda config, layer: seen.append(config))
-  mnist_main.main(["--layer", layer, *flag])
-  assert seen[0].skip_grad_norm == expected
+  config = mnist_main.parse_config(["--layer", layer, *flag])
+  assert config.skip_grad_norm == expected
+
+
+def test_config_module_then_flags(tmp_path):
+  from experiments.cifar10 import main as cifar_main
+  from experiments.mnist import main as mnist_main
+  default = mnist_main.parse_config([])
+  assert (default.model, default.dataset, default.epochs,
+          default.batch_size) == ("deq", "fashion_mnist", 10, 100)
+  assert mnist_main.parse_config(["--layer", "newton"]).epochs == 8
+  config = mnist_main.parse_config(
+      ["--batch-size", "40", "--dropout", "0.1", "--spectral-norm",
+       "--no-progress"])
+  assert (config.batch_size, config.progress) == (40, False)
+  assert config.deq_options == layers.DeqOptions(dropout=0.1,
+                                                 normalization="spectral")
+  path = tmp_path / "mine.py"
+  path.write_text(
+      "import dataclasses\n"
+      "from experiments.mnist.configs import default\n"
+      "def get_config():\n"
+      "  return dataclasses.replace(default.get_config(), model='newton',"
+      " batch_size=7, epochs=3, seed=4)\n")
+  config = mnist_main.parse_config(["--config", str(path), "--epochs", "5"])
+  # The file's settings, except what a flag overrides.
+  assert (config.model, config.batch_size, config.epochs, config.seed) == (
+      "newton", 7, 5, 4)
+  assert config.skip_grad_norm == 100.0  # the layer's default still applies
+  shipped = cifar_main.parse_config(
+      ["--config", os.path.join(REPO, "experiments", "cifar10", "configs",
+                                "fashion_mnist.py")])
+  assert (shipped.dataset, shipped.limit_train, shipped.epochs) == (
+      "fashion_mnist", 4000, 3)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("x = 1\n", "defines no get_config"),
+    ("def get_config():\n  return {}\n", "not a training.Config"),
+    ("import nothing_here\n", "failed to load"),
+])
+def test_bad_config_files_are_named(content, message, tmp_path, capsys):
+  from experiments.mnist import main as mnist_main
+  path = tmp_path / "config.py"
+  if content is not None:
+    path.write_text(content)
+  with pytest.raises(SystemExit):
+    mnist_main.parse_config(["--config", str(path)])
+  assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_processes=2), "only apply with --distributed"),
+    (dict(distributed=True, num_processes=2, process_id=2), "--process-id"),
+])
+def test_cluster_settings_are_checked(overrides, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    mnist_config("unused", tmp_path, **overrides).validate()
 
 
 def test_resume_refuses_other_flags_and_says_when_complete(

@@ -45,8 +45,10 @@ EXPERIMENT = experiment("deq_resnet", "cifar10")
 
 
 def train_and_evaluate(config: training.Config,
-                       model: str = "deq_resnet") -> list[dict]:
-  """Trains a convolutional DEQ (`model`: deq_resnet or mdeq_small) on
-  `config.dataset` (CIFAR-10, or MNIST-format images: 1 channel, 28x28)."""
+                       model: str | None = None) -> list[dict]:
+  """Trains a convolutional DEQ (`model`, default `config.model` or
+  deq_resnet: deq_resnet or mdeq_small) on `config.dataset` (CIFAR-10, or
+  MNIST-format images: 1 channel, 28x28)."""
+  model = model or config.model or "deq_resnet"
   return training.train_and_evaluate(config, experiment(model,
                                                         config.dataset))

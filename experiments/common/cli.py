@@ -1,10 +1,20 @@
-"""Command-line flags shared by the experiments."""
+"""Command-line flags shared by the experiments.
+
+A run's settings are a `training.Config`: the `get_config()` of a config
+module (`--config FILE`, default the experiment's `configs/default.py`), then
+every flag given on the command line overrides its field. Flags have no
+defaults of their own (argparse.SUPPRESS), so that a flag left out keeps the
+config's value.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+from pathlib import Path
 
-from experiments.common import layers
+from experiments.common import layers, training
 
 
 def _positive(convert, kind: str):
@@ -74,14 +84,15 @@ _non_negative = _number_in(0.0, float("inf"), "a number >= 0")
 
 def add_deq_flags(parser: argparse.ArgumentParser) -> None:
   """The DEQ stabilisers (see README, "Training a DEQ that stays stable")."""
-  group = parser.add_argument_group("DEQ stabilisers")
-  group.add_argument("--jacobian-penalty", type=_non_negative, default=0.0,
+  group = parser.add_argument_group(
+      "DEQ stabilisers", argument_default=argparse.SUPPRESS)
+  group.add_argument("--jacobian-penalty", type=_non_negative,
                      metavar="W", help="add W x the Hutchinson estimate of"
                      " ||df/dz||_F^2 / d at z* to the loss (Bai et al. 2021)")
-  group.add_argument("--fp-correction", type=_steps, default=(),
+  group.add_argument("--fp-correction", type=_steps,
                      metavar="K1,K2", help="also supervise the iterates after"
                      " these solver steps (fixed-point correction)")
-  group.add_argument("--fp-weight", type=_weights, default=(1.0,),
+  group.add_argument("--fp-weight", type=_weights,
                      metavar="W[,W2,...]", help="loss weight of the"
                      " correction iterates: one for all, or one per step of"
                      " --fp-correction")
@@ -90,50 +101,107 @@ def add_deq_flags(parser: argparse.ArgumentParser) -> None:
                     help="weight-normalise the cell's kernels")
   norm.add_argument("--spectral-norm", action="store_true",
                     help="spectrally normalise the cell's kernels")
-  group.add_argument("--dropout", type=_rate, default=0.0, metavar="P",
+  group.add_argument("--dropout", type=_rate, metavar="P",
                      help="variational dropout on the cell's output, one"
                      " mask per solve")
   group.add_argument("--warm-start", action="store_true",
                      help="start each training example's solve at its z*"
                      " from the previous epoch")
-  group.add_argument("--eval-max-steps", type=positive_int, default=None,
+  group.add_argument("--eval-max-steps", type=positive_int,
                      help="the solver's step cap at evaluation")
-
-
-def deq_options(args: argparse.Namespace) -> layers.DeqOptions:
-  """The `DeqOptions` of parsed DEQ flags."""
-  return layers.DeqOptions(
-      jacobian_penalty=args.jacobian_penalty,
-      record_steps=args.fp_correction,
-      normalization=("weight" if args.weight_norm else
-                     "spectral" if args.spectral_norm else None),
-      dropout=args.dropout, eval_max_steps=args.eval_max_steps)
 
 
 def add_common_flags(parser: argparse.ArgumentParser, epochs_help: str,
                      ) -> None:
-  parser.add_argument("--data-dir", default=None,
-                      help="offline data: IDX files / CIFAR-10 python batches /"
-                      " a prepared tensorflow-datasets directory")
-  parser.add_argument("--epochs", type=positive_int, default=None,
-                      help=epochs_help)
-  parser.add_argument("--batch-size", type=positive_int, default=100)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--metrics-out", default=None,
-                      help="write one JSON line of metrics per epoch here")
-  parser.add_argument("--workdir", default=None,
-                      help="orbax checkpoints; a rerun resumes from here")
-  parser.add_argument("--plots", default=None,
-                      help="write residual and training-curve PNGs here")
-  parser.add_argument("--limit-train", type=positive_int, default=None,
-                      help="use only the first N training examples")
-  parser.add_argument("--limit-test", type=positive_int, default=None,
-                      help="use only the first N test examples")
-  parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() (multi-host)")
-  parser.add_argument("--skip-grad-norm", type=positive_float, default=None,
-                      help="also undo updates whose gradient norm exceeds"
-                      " this (default: only non-finite ones, the tutorial's"
-                      " NaN guard; 100 for the unrolled Newton MNIST layers)")
-  parser.add_argument("--no-progress", action="store_true",
-                      help="no tqdm progress bar")
+  """Data, schedule, output and cluster flags, and `--config`."""
+  add = parser.add_argument
+  add("--config", default=None, metavar="FILE",
+      help="a Python file whose get_config() returns the run's settings (a"
+      " training.Config; default: this experiment's configs/default.py);"
+      " the flags below override it")
+  add("--data-dir", default=argparse.SUPPRESS,
+      help="offline data: IDX files / CIFAR-10 python batches / a prepared"
+      " tensorflow-datasets directory")
+  add("--epochs", type=positive_int, default=argparse.SUPPRESS,
+      help=epochs_help)
+  add("--batch-size", type=positive_int, default=argparse.SUPPRESS,
+      help="global batch size, split over every device (default 100)")
+  add("--seed", type=int, default=argparse.SUPPRESS)
+  add("--metrics-out", default=argparse.SUPPRESS,
+      help="write one JSON line of metrics per epoch here")
+  add("--workdir", default=argparse.SUPPRESS,
+      help="orbax checkpoints; a rerun resumes from here")
+  add("--plots", default=argparse.SUPPRESS,
+      help="write residual and training-curve PNGs here")
+  add("--limit-train", type=positive_int, default=argparse.SUPPRESS,
+      help="use only the first N training examples")
+  add("--limit-test", type=positive_int, default=argparse.SUPPRESS,
+      help="use only the first N test examples")
+  add("--skip-grad-norm", type=positive_float, default=argparse.SUPPRESS,
+      help="also undo updates whose gradient norm exceeds this (default:"
+      " only non-finite ones, the tutorial's NaN guard; 100 for the unrolled"
+      " Newton MNIST layers)")
+  add("--no-progress", action="store_true", default=argparse.SUPPRESS,
+      help="no tqdm progress bar")
+  cluster = parser.add_argument_group(
+      "multi-process data parallel (see README, \"Several processes\")",
+      argument_default=argparse.SUPPRESS)
+  cluster.add_argument(
+      "--distributed", action="store_true",
+      help="call jax.distributed.initialize(): one process per host (or per"
+      " accelerator), the batch split over every device of every process")
+  cluster.add_argument(
+      "--coordinator-address", metavar="HOST:PORT",
+      help="process 0's address (default: from the cluster's environment,"
+      " e.g. SLURM, or JAX_COORDINATOR_ADDRESS)")
+  cluster.add_argument("--num-processes", type=positive_int,
+                       help="how many processes take part")
+  cluster.add_argument("--process-id", type=int,
+                       help="this process's index, 0 to --num-processes - 1")
+
+
+def load_config(path: str) -> training.Config:
+  """The `training.Config` of a config file's `get_config()`."""
+  file = Path(path)
+  if not file.is_file():
+    raise ValueError(f"--config {path}: no such file")
+  spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as error:  # the user's file: say which one failed
+    raise ValueError(f"--config {path} failed to load: {error!r}") from error
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ValueError(f"--config {path} defines no get_config()")
+  config = get_config()
+  if not isinstance(config, training.Config):
+    raise ValueError(f"--config {path}: get_config() returned a"
+                     f" {type(config).__name__}, not a training.Config")
+  return config
+
+
+# Flags whose values go to `DeqOptions` fields of the same name, or another.
+_DEQ_FIELDS = {"jacobian_penalty": "jacobian_penalty",
+               "fp_correction": "record_steps", "dropout": "dropout",
+               "eval_max_steps": "eval_max_steps"}
+
+
+def config_from_args(args: argparse.Namespace,
+                     default: training.Config) -> training.Config:
+  """`--config`'s (else `default`'s) settings with the flags given."""
+  base = load_config(args.config) if args.config else default
+  given = {k: v for k, v in vars(args).items() if k != "config"}
+  fields = {field.name for field in dataclasses.fields(training.Config)}
+  overrides = {k: v for k, v in given.items() if k in fields}
+  if given.get("no_progress"):
+    overrides["progress"] = False
+  deq = {field: given[flag] for flag, field in _DEQ_FIELDS.items()
+         if flag in given}
+  if given.get("weight_norm"):
+    deq["normalization"] = "weight"
+  if given.get("spectral_norm"):
+    deq["normalization"] = "spectral"
+  if deq:
+    overrides["deq_options"] = base.deq_options._replace(**deq)
+  return dataclasses.replace(base, **overrides)

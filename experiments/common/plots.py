@@ -43,12 +43,22 @@ def residual_traces(experiment, model, inputs):
 
   jax.block_until_ready(jax.jit(jax.grad(pulled))(x, cell_state, z0))
   jax.effects_barrier()
+  if not captured:  # the callback ran in another process (multi-process)
+    return forward_trace, None
   stats = captured[-1]
   return forward_trace, np.asarray(stats.trace[:int(stats.num_steps)])
 
 
-def write_all(directory: str, experiment, model, history, inputs) -> list[str]:
-  """Writes residuals.png and curves.png into `directory`; returns the paths."""
+def write_all(directory, experiment, model, history, inputs) -> list[str]:
+  """Writes residuals.png and curves.png into `directory`; returns the paths.
+
+  With `directory` None, only the traces are computed (the other processes
+  of a multi-process run: their devices take part in the solves).
+  """
+  model.eval()
+  forward, backward = residual_traces(experiment, model, inputs)
+  if directory is None:
+    return []
   import matplotlib
 
   matplotlib.use("Agg")
@@ -56,8 +66,6 @@ def write_all(directory: str, experiment, model, history, inputs) -> list[str]:
   import matplotlib.ticker
 
   os.makedirs(directory, exist_ok=True)
-  model.eval()
-  forward, backward = residual_traces(experiment, model, inputs)
   paths = []
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)

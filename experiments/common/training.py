@@ -2,8 +2,10 @@
 
 Data lives on the devices for the whole run (uint8), each epoch is shuffled
 from the seed and batched by a jitted gather, so no batch crosses the host.
-Batches are sharded over a 1-D mesh of every visible device and parameters are
-replicated: `jit` inserts the gradient all-reduce. Checkpoints (orbax) are
+Batches are sharded over a 1-D mesh of every device of every process
+(`--distributed` starts several) and parameters are replicated: `jit` inserts
+the gradient all-reduce. Metrics accumulate on the devices in an
+`nnx.MultiMetric` and reach the host once per epoch. Checkpoints (orbax) are
 written after every epoch, and a restarted run resumes from the last one.
 """
 
@@ -42,11 +44,19 @@ WARM_START_MAX_BYTES = 2 << 30
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Command-line settings shared by the experiments."""
+  """Settings of a run: a config module's `get_config()` (e.g.
+  `experiments/mnist/configs/default.py`) with command-line overrides.
+
+  `model` names the experiment's `--layer` (MNIST) or `--model` (CIFAR-10).
+  `coordinator_address`, `num_processes` and `process_id` go to
+  `jax.distributed.initialize` with `distributed` (None: detected from the
+  cluster's environment, e.g. SLURM).
+  """
 
   dataset: str
+  model: Optional[str] = None
   data_dir: Optional[str] = None
-  epochs: int = 10
+  epochs: Optional[int] = 10
   batch_size: int = 100
   seed: int = 0
   metrics_out: Optional[str] = None
@@ -55,6 +65,9 @@ class Config:
   limit_train: Optional[int] = None
   limit_test: Optional[int] = None
   distributed: bool = False
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
   progress: bool = True
   skip_grad_norm: Optional[float] = None
   deq_options: layers.DeqOptions = layers.DeqOptions()
@@ -79,10 +92,23 @@ class Config:
     if self.skip_grad_norm is not None and not self.skip_grad_norm > 0:
       raise ValueError(f"--skip-grad-norm must be > 0, got"
                        f" {self.skip_grad_norm}")
-    if self.epochs < 1:
+    if self.epochs is None or self.epochs < 1:
       raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
     if self.batch_size < 1:
       raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+    cluster = {"--coordinator-address": self.coordinator_address,
+               "--num-processes": self.num_processes,
+               "--process-id": self.process_id}
+    given = [flag for flag, value in cluster.items() if value is not None]
+    if given and not self.distributed:
+      raise ValueError(f"{', '.join(given)} only apply with --distributed")
+    if self.num_processes is not None and self.num_processes < 1:
+      raise ValueError(f"--num-processes must be >= 1, got"
+                       f" {self.num_processes}")
+    if self.process_id is not None and not (
+        0 <= self.process_id < (self.num_processes or self.process_id + 1)):
+      raise ValueError(f"--process-id must be in [0, --num-processes), got"
+                       f" {self.process_id}")
 
   def fp_weights(self) -> tuple[float, ...]:
     """One loss weight per correction state (or one for all)."""
@@ -144,10 +170,24 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
-def epoch_order(seed: int, epoch: int, size: int) -> jax.Array:
+def epoch_order(seed: int, epoch, size: int) -> jax.Array:
   """The training permutation of `epoch` (1-based) for a run with `seed`."""
   return jax.random.permutation(
       jax.random.fold_in(jax.random.key(seed), epoch), size)
+
+
+def train_metrics() -> nnx.MultiMetric:
+  """The train step's running metrics: per-example loss and error, per-step
+  solver steps, skipped updates and Jacobian penalty."""
+  return nnx.MultiMetric(**{name: nnx.metrics.Average(name) for name in (
+      "loss", "error", "forward_steps", "backward_steps", "skipped",
+      "penalty")})
+
+
+def eval_metrics() -> nnx.MultiMetric:
+  """The eval step's running metrics (padding examples masked out)."""
+  return nnx.MultiMetric(**{name: nnx.metrics.Average(name) for name in (
+      "loss", "error", "forward_steps")})
 
 
 def make_steps(experiment: Experiment,
@@ -157,7 +197,8 @@ def make_steps(experiment: Experiment,
                warm_start: bool = False):
   """The jitted train and eval steps of an experiment.
 
-  The loss is the cross-entropy at z*, plus `fp_weights[i]` times the
+  Both steps update the `train_metrics()` / `eval_metrics()` they are given
+  in place. The loss is the cross-entropy at z*, plus `fp_weights[i]` times the
   cross-entropy at correction state i (one weight: the same for all),
   plus `penalty_weight`
   times the DEQ's Jacobian penalty. A train step whose parameter gradients
@@ -174,11 +215,12 @@ def make_steps(experiment: Experiment,
     logits, extra, z_star = experiment.forward(
         model, experiment.preprocess(images), warm)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    wrong = jnp.argmax(logits, -1) != labels
-    if mask is not None:
-      losses, wrong = losses * mask.astype(losses.dtype), wrong & mask
-    errors = jnp.sum(wrong)
-    loss = jnp.mean(losses)
+    wrong = (jnp.argmax(logits, -1) != labels).astype(losses.dtype)
+    if mask is None:
+      loss = jnp.mean(losses)
+    else:
+      loss = jnp.sum(losses * mask.astype(losses.dtype)) / jnp.maximum(
+          jnp.sum(mask), 1).astype(losses.dtype)
     for i, state_logits in enumerate(extra):
       weight = fp_weights[i] if len(fp_weights) > 1 else fp_weights[0]
       loss = loss + jnp.asarray(weight, loss.dtype) * jnp.mean(
@@ -189,15 +231,16 @@ def make_steps(experiment: Experiment,
     if penalty_weight:
       loss = loss + jnp.asarray(penalty_weight, loss.dtype) * penalty
     stats = layer.stats.get_value()
-    return loss, (jnp.sum(losses), errors, stats.num_steps, penalty, z_star)
+    return loss, (losses, wrong, stats.num_steps, penalty, z_star)
 
   wrt = nnx.DiffState(0, nnx.Any(nnx.Param, BackwardProbe))
   should_skip = functools.partial(_should_skip, skip_grad_norm=skip_grad_norm)
 
   # The warm-start store (one z* per training example) is donated: updated
   # in place rather than copied whole at every step.
-  @functools.partial(nnx.jit, donate_argnums=(4,))
-  def train_step(model, optimizer, images, labels, store=None, rows=None):
+  @functools.partial(nnx.jit, donate_argnums=(5,))
+  def train_step(model, optimizer, metrics, images, labels, store=None,
+                 rows=None):
     # The forward pass may move the model's non-parameter state (DEQ stats,
     # BatchNorm statistics, spectral-norm vectors, RNG counts); a skipped
     # step puts back this small part. Parameters and optimiser state are
@@ -207,7 +250,7 @@ def make_steps(experiment: Experiment,
     if warm_start:
       warm = (jax.tree.map(lambda s: s[rows], store[0]), store[1][rows])
     grad_fn = nnx.value_and_grad(loss_and_metrics, argnums=wrt, has_aux=True)
-    (_, (loss_sum, errors, forward_steps, penalty, z_star)), grads = grad_fn(
+    (_, (losses, wrong, forward_steps, penalty, z_star)), grads = grad_fn(
         model, images, labels, None, warm)
     param_grads, probe_grads = nnx.split_state(grads, nnx.Param, BackwardProbe)
     backward = jaxdeq.BackwardStats.from_probe_grad(
@@ -226,21 +269,20 @@ def make_steps(experiment: Experiment,
       store = (jax.tree.map(lambda s, z: s.at[rows].set(z.astype(s.dtype)),
                             store[0], z_star),
                store[1].at[rows].set(True))
-    metrics = {
-        "loss_sum": loss_sum, "errors": errors,
-        "forward_steps": forward_steps.astype(jnp.float32),
-        "backward_steps": backward.num_steps.astype(jnp.float32),
-        "skipped": (~keep).astype(jnp.int32),
-        "penalty": penalty,
-    }
-    return metrics, store
+    metrics.update(loss=losses, error=wrong,
+                   forward_steps=forward_steps.astype(jnp.float32),
+                   backward_steps=backward.num_steps.astype(jnp.float32),
+                   skipped=(~keep).astype(jnp.float32),
+                   penalty=penalty.astype(jnp.float32))
+    return store
 
   @nnx.jit
-  def eval_step(model, images, labels, mask):
-    _, (loss_sum, errors, forward_steps, _, _) = loss_and_metrics(
+  def eval_step(model, metrics, images, labels, mask):
+    _, (losses, wrong, forward_steps, _, _) = loss_and_metrics(
         model, images, labels, mask)
-    return {"loss_sum": loss_sum, "errors": errors,
-            "forward_steps": forward_steps.astype(jnp.float32)}
+    metrics.update(loss=losses, error=wrong,
+                   forward_steps=forward_steps.astype(jnp.float32),
+                   mask={"loss": mask, "error": mask})
 
   return train_step, eval_step
 
@@ -267,9 +309,35 @@ def make_diagnostics(experiment: Experiment, num_probes: int = 4,
   return diagnostics
 
 
-def _sum_metrics(step_metrics: list[dict]) -> dict:
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)
-  return {k: np.asarray(v) for k, v in stacked.items()}
+def _put(tree, sharding):
+  """Values every process holds alike onto `sharding`, which may span the
+  devices of several processes (`jax.device_put` cannot take a jax.Array
+  there, and compares numpy values across processes, NaN != NaN)."""
+
+  def put_array(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding,
+                                        lambda index: x[index])
+
+  def put(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put_array(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    return put_array(x)
+
+  return jax.tree.map(put, tree)
+
+
+def _compute(metrics: nnx.MultiMetric) -> dict[str, float]:
+  # nnx's Average divides its float32 total by an int32 count.
+  with jax.numpy_dtype_promotion("standard"):
+    return {k: float(v) for k, v in metrics.compute().items()}
+
+
+def _log(*args) -> None:
+  """print, from the first process only."""
+  if jax.process_index() == 0:
+    print(*args, flush=True)
 
 
 class _Checkpoints:
@@ -310,8 +378,8 @@ class _Checkpoints:
     nnx.update((model, optimizer), state)
     if "warm_start" in items:
       warm = restored["warm_start"]
-      store = jax.device_put((warm["z"], warm["seen"]),
-                             jax.tree.leaves(store)[0].sharding)
+      store = _put((warm["z"], warm["seen"]),
+                   jax.tree.leaves(store)[0].sharding)
     return step, list(restored["history"]), store
 
   def save(self, epoch: int, model, optimizer, history: list[dict],
@@ -346,7 +414,9 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
   _check_output_paths(config)
   _check_resume(config, experiment)
   if config.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=config.coordinator_address,
+                               num_processes=config.num_processes,
+                               process_id=config.process_id)
   dataset = data_lib.load(config.dataset, config.data_dir).check_not_empty(
       ).limit(config.limit_train, config.limit_test)
   devices = jax.devices()
@@ -359,18 +429,19 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
                      f" fewer than one batch of {config.batch_size}")
   dropped = len(dataset.train_images) - steps_per_epoch * config.batch_size
   if dropped:
-    print(f"note: --batch-size {config.batch_size} does not divide the"
+    _log(f"note: --batch-size {config.batch_size} does not divide the"
           f" {len(dataset.train_images)} training examples: {dropped} are"
-          " left out of each epoch (a different random subset every epoch)",
-          flush=True)
+          " left out of each epoch (a different random subset every epoch)")
   mesh = Mesh(np.asarray(devices), ("data",))
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
-  train_images = jax.device_put(dataset.train_images, replicated)
-  train_labels = jax.device_put(dataset.train_labels, replicated)
-  test_images = jax.device_put(dataset.test_images, replicated)
-  test_labels = jax.device_put(dataset.test_labels, replicated)
+  train_images, train_labels, test_images, test_labels = _put(
+      (dataset.train_images, dataset.train_labels, dataset.test_images,
+       dataset.test_labels), replicated)
+  shuffle = jax.jit(functools.partial(epoch_order, config.seed,
+                                      size=len(dataset.train_images)),
+                    out_shardings=replicated)
 
   @jax.jit
   def batch_rows(order, index):
@@ -388,8 +459,9 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
       model, guarded(experiment.make_optimizer(steps_per_epoch, config.epochs),
                      config.skip_grad_norm),
       wrt=nnx.Param)
-  state = nnx.state((model, optimizer))
-  nnx.update((model, optimizer), jax.device_put(state, replicated))
+  metrics, test_metrics = train_metrics(), eval_metrics()
+  objects = (model, optimizer, metrics, test_metrics)
+  nnx.update(objects, _put(nnx.state(objects), replicated))
   train_step, eval_step = make_steps(
       experiment, config.skip_grad_norm,
       penalty_weight=config.deq_options.jacobian_penalty,
@@ -404,100 +476,103 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
   start_epoch, history, store = checkpoints.restore(model, optimizer, store)
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model,
                                                              nnx.Param)))
-  print(f"{experiment.name}: {dataset.source}; {len(dataset.train_images)}"
+  _log(f"{experiment.name}: {dataset.source}; {len(dataset.train_images)}"
         f" train / {len(dataset.test_images)} test examples;"
         f" {num_params:,} parameters; {len(devices)} device(s)"
         f" ({devices[0].platform})"
-        + (f"; resuming after epoch {start_epoch}" if start_epoch else ""),
-        flush=True)
-  _print_header()
-  if config.metrics_out:
+        + (f" in {jax.process_count()} processes"
+           if jax.process_count() > 1 else "")
+        + (f"; resuming after epoch {start_epoch}" if start_epoch else ""))
+  _log(_header())
+  first_process = jax.process_index() == 0
+  if config.metrics_out and first_process:
     _write_metrics(config.metrics_out, history)
   for row in history:
-    _print_row(row)
+    _log(_format_row(row))
   if start_epoch >= config.epochs:
-    print(f"the run in {config.workdir} is already complete: it holds"
+    _log(f"the run in {config.workdir} is already complete: it holds"
           f" {start_epoch} epochs (--epochs {config.epochs}); nothing to"
           " train. Ask for more --epochs to continue it, or use a new"
-          " --workdir.", flush=True)
+          " --workdir.")
     return history
 
   test_batches = -(-len(dataset.test_images) // config.batch_size)
-  test_order = jnp.arange(test_batches * config.batch_size) % len(
-      dataset.test_images)
-  # The last test batch is padded with repeats that the mask leaves out.
-  test_mask = jax.device_put(
-      (np.arange(test_batches * config.batch_size) < len(dataset.test_images)
-       ).reshape(test_batches, config.batch_size),
-      NamedSharding(mesh, PartitionSpec(None, "data")))
+  test_order, test_mask = _put(
+      (np.arange(test_batches * config.batch_size) % len(dataset.test_images),
+       # The last test batch is padded with repeats that the mask leaves out.
+       (np.arange(test_batches * config.batch_size) < len(dataset.test_images)
+        ).reshape(test_batches, config.batch_size)), replicated)
   for epoch in range(start_epoch + 1, config.epochs + 1):
-    order = epoch_order(config.seed, epoch, len(dataset.train_images))
+    order = shuffle(epoch)
     model.train()
-    bar = _progress(steps_per_epoch, config.progress, f"epoch {epoch}")
+    metrics.reset()
+    bar = _progress(steps_per_epoch, config.progress and first_process,
+                    f"epoch {epoch}")
     if epoch == start_epoch + 1 and bar.disable:
       # Without a progress bar the first epoch is a long silence otherwise.
-      print(f"epoch {epoch}: compiling the training step, then"
-            f" {steps_per_epoch} steps...", flush=True)
+      _log(f"epoch {epoch}: compiling the training step, then"
+           f" {steps_per_epoch} steps...")
     started = time.perf_counter()
-    step_metrics = []
     for index in range(steps_per_epoch):
       images, labels = gather(train_images, train_labels, order, index)
       rows = batch_rows(order, index) if store is not None else None
-      metrics, store = train_step(model, optimizer, images, labels, store,
-                                  rows)
-      step_metrics.append(metrics)
+      store = train_step(model, optimizer, metrics, images, labels, store,
+                         rows)
       if bar.disable is False and (index % 50 == 49
                                    or index == steps_per_epoch - 1):
-        bar.set_postfix(loss=f"{float(step_metrics[-1]['loss_sum']) / config.batch_size:.4f}")  # noqa: E501
+        bar.set_postfix(loss=f"{_compute(metrics)['loss']:.4f}")
         bar.update(index + 1 - bar.n)
-    train = _sum_metrics(step_metrics)  # blocks on the epoch's results
+    train = _compute(metrics)  # waits for the epoch's steps
     train_seconds = time.perf_counter() - started
     bar.close()
 
     model.eval()
+    test_metrics.reset()
     started = time.perf_counter()
-    eval_metrics = [
-        eval_step(model, *gather(test_images, test_labels, test_order, i),
-                  test_mask[i]) for i in range(test_batches)
-    ]
-    test = _sum_metrics(eval_metrics)
+    for i in range(test_batches):
+      eval_step(model, test_metrics,
+                *gather(test_images, test_labels, test_order, i), test_mask[i])
+    test = _compute(test_metrics)
     test_seconds = time.perf_counter() - started
     penalty, rho, rho_max = (float(v) for v in diagnostics(
         model, test_images[:config.batch_size],
         jax.random.fold_in(jax.random.key(config.seed), epoch)))
-    n_test = len(dataset.test_images)
     n_train = steps_per_epoch * config.batch_size
     row = {
         "epoch": epoch,
-        "train_error": float(train["errors"].sum() / n_train),
-        "train_loss": float(train["loss_sum"].sum() / n_train),
-        "test_error": float(test["errors"].sum() / n_test),
-        "test_loss": float(test["loss_sum"].sum() / n_test),
-        "forward_steps": float(train["forward_steps"].mean()),
-        "test_forward_steps": float(test["forward_steps"].mean()),
-        "backward_steps": float(train["backward_steps"].mean()),
-        "skipped_steps": int(train["skipped"].sum()),
+        "train_error": train["error"],
+        "train_loss": train["loss"],
+        "test_error": test["error"],
+        "test_loss": test["loss"],
+        "forward_steps": train["forward_steps"],
+        "test_forward_steps": test["forward_steps"],
+        "backward_steps": train["backward_steps"],
+        "skipped_steps": int(metrics.skipped.total[...]),
         "train_seconds": round(train_seconds, 3),
         "test_seconds": round(test_seconds, 3),
         "examples_per_second": round(n_train / train_seconds, 1),
-        "train_penalty": float(train["penalty"].mean()),
+        "train_penalty": train["penalty"],
         "jacobian_penalty": penalty,
         "spectral_radius": rho,
         "spectral_radius_max": rho_max,
     }
     history.append(row)
-    _print_row(row)
+    _log(_format_row(row))
     checkpoints.save(epoch, model, optimizer, history, store)
-    if config.workdir and epoch == start_epoch + 1:
-      _write_run_record(config, experiment)
-    if config.metrics_out:
-      _write_metrics(config.metrics_out, history)
+    if first_process:
+      if config.workdir and epoch == start_epoch + 1:
+        _write_run_record(config, experiment)
+      if config.metrics_out:
+        _write_metrics(config.metrics_out, history)
   if config.plots:
     from experiments.common import plots
 
-    plots.write_all(config.plots, experiment, model, history,
+    # Every process computes the figures (their solves run on every
+    # device); the first one writes them.
+    directory = config.plots if first_process else None
+    plots.write_all(directory, experiment, model, history,
                     experiment.preprocess(test_images[:config.batch_size]))
-    print(f"plots written to {config.plots}", flush=True)
+    _log(f"plots written to {config.plots}")
   return history
 
 
@@ -510,23 +585,22 @@ _COLUMNS = (("epoch", "{:>5d}"), ("train_error", "{:>11.4f}"),
             ("train_seconds", "{:>13.2f}"), ("test_seconds", "{:>12.2f}"))
 
 
-def _print_header() -> None:
-  print(" ".join(f"{name:>{len(fmt.format(0))}}" if "d" in fmt else
-                 f"{name:>{len(fmt.format(0.0))}}" for name, fmt in _COLUMNS),
-        flush=True)
+def _header() -> str:
+  return " ".join(f"{name:>{len(fmt.format(0))}}" if "d" in fmt else
+                  f"{name:>{len(fmt.format(0.0))}}" for name, fmt in _COLUMNS)
 
 
-def _print_row(row: dict) -> None:
+def _format_row(row: dict) -> str:
   # Rows from runs saved before a column existed print NaN there.
-  print(" ".join(fmt.format(row.get(name, float("nan")) if "d" not in fmt
-                            else row.get(name, 0)) for name, fmt in _COLUMNS),
-        flush=True)
+  return " ".join(fmt.format(row.get(name, float("nan")) if "d" not in fmt
+                             else row.get(name, 0)) for name, fmt in _COLUMNS)
 
 
 # Config fields that do not change what a run computes: they may differ
 # between a run and its resumption.
-_RESUMABLE_FIELDS = ("epochs", "data_dir", "metrics_out", "workdir", "plots",
-                     "progress", "distributed")
+_RESUMABLE_FIELDS = ("model", "epochs", "data_dir", "metrics_out", "workdir",
+                     "plots", "progress", "distributed", "coordinator_address",
+                     "num_processes", "process_id")
 _RUN_RECORD = "run.json"
 
 
@@ -626,8 +700,8 @@ def _warm_start_store(experiment, model, example_images, size, sharding):
         f" devices ({size} examples); the limit is"
         f" {WARM_START_MAX_BYTES / 2**30:.0f} GiB: use --limit-train")
   zeros = jax.tree.map(
-      lambda s: jnp.zeros((size,) + s.shape[1:], jnp.float32), shapes)
-  return jax.device_put((zeros, jnp.zeros((size,), bool)), sharding)
+      lambda s: np.zeros((size,) + s.shape[1:], np.float32), shapes)
+  return _put((zeros, np.zeros((size,), bool)), sharding)
 
 
 def _write_metrics(path: str, history: list[dict]) -> None:

@@ -1,39 +1,53 @@
-"""python -m experiments.mnist --layer {fixed_point,newton,newton_implicit,newton_gmres,newton_implicit_gmres,deq}"""
+"""python -m experiments.mnist [--config FILE] [--layer LAYER] [flags]"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from experiments.common import cli, data, training
 from experiments.mnist import models, train
+from experiments.mnist.configs import default
 
 
-def main(argv=None) -> None:
+def parse_config(argv=None) -> training.Config:
+  """The run's `training.Config`: the config module's, then the flags."""
   parser = argparse.ArgumentParser(
       prog="python -m experiments.mnist",
-      description="The Deep Implicit Layers tutorial's MNIST runs in jaxdeq.")
-  parser.add_argument("--layer", required=True, choices=list(models.LAYERS))
-  parser.add_argument("--dataset", default="fashion_mnist",
-                      choices=["mnist", "fashion_mnist"])
+      description="The Deep Implicit Layers tutorial's MNIST runs in jaxdeq.",
+      epilog="Settings not given as flags come from --config (default:"
+      " experiments/mnist/configs/default.py).")
+  parser.add_argument("--layer", dest="model", choices=list(models.LAYERS),
+                      default=argparse.SUPPRESS,
+                      help="the equilibrium layer (default: deq)")
+  parser.add_argument("--dataset", choices=["mnist", "fashion_mnist"],
+                      default=argparse.SUPPRESS,
+                      help="default: fashion_mnist")
   cli.add_common_flags(parser, "epochs (default: the tutorial's, 8 for"
                        " newton, 10 otherwise)")
   cli.add_deq_flags(parser)
   args = parser.parse_args(argv)
-  config = training.Config(
-      dataset=args.dataset, data_dir=args.data_dir,
-      epochs=args.epochs or models.LAYERS[args.layer][3],
-      batch_size=args.batch_size, seed=args.seed,
-      metrics_out=args.metrics_out, workdir=args.workdir, plots=args.plots,
-      limit_train=args.limit_train, limit_test=args.limit_test,
-      distributed=args.distributed, progress=not args.no_progress,
-      deq_options=cli.deq_options(args), fp_weight=args.fp_weight,
-      warm_start=args.warm_start,
-      skip_grad_norm=(args.skip_grad_norm if args.skip_grad_norm is not None
-                      else models.UNROLLED_NEWTON_SKIP_GRAD_NORM.get(
-                          args.layer)))
   try:
-    train.train_and_evaluate(config, args.layer)
+    config = cli.config_from_args(args, default.get_config())
+  except ValueError as error:
+    parser.error(str(error))
+  if config.model not in models.LAYERS:
+    parser.error(f"unknown layer {config.model!r}; choose one of"
+                 f" {', '.join(models.LAYERS)}")
+  if config.epochs is None:
+    config = dataclasses.replace(config, epochs=models.LAYERS[config.model][3])
+  if config.skip_grad_norm is None:
+    config = dataclasses.replace(
+        config, skip_grad_norm=models.UNROLLED_NEWTON_SKIP_GRAD_NORM.get(
+            config.model))
+  return config
+
+
+def main(argv=None) -> None:
+  config = parse_config(argv)
+  try:
+    train.train_and_evaluate(config)
   except (data.DataError, ValueError) as error:
     sys.exit(f"error: {error}")
 

@@ -32,8 +32,11 @@ def experiment(layer: str) -> training.Experiment:
   )
 
 
-def train_and_evaluate(config: training.Config, layer: str) -> list[dict]:
-  """Trains the tutorial's MNIST model with `layer`; returns epoch metrics."""
+def train_and_evaluate(config: training.Config,
+                       layer: str | None = None) -> list[dict]:
+  """Trains the tutorial's MNIST model with `layer` (default:
+  `config.model`); returns epoch metrics."""
+  layer = layer or config.model
   if config.dataset not in input_pipeline.DATASETS:
     raise ValueError(f"unknown --dataset {config.dataset!r}; choose one of"
                      f" {', '.join(input_pipeline.DATASETS)}")

@@ -1,0 +1,1 @@
+"""Config modules of `python -m experiments.cifar10 --config FILE`."""

@@ -1,0 +1,1 @@
+"""Config modules of `python -m experiments.mnist --config FILE`."""
