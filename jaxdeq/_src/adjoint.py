@@ -36,7 +36,7 @@ class BackwardStats(NamedTuple):
   def from_probe_grad(cls, probe_grad: jax.Array) -> "BackwardStats":
     """Reads the stats out of the gradient with respect to a probe.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxdeq
       >>> def loss(x, probe):
       ...   sol = jaxdeq.fixed_point(lambda z, x: 0.5 * jnp.tanh(z) + x,
@@ -60,7 +60,7 @@ def backward_probe(dtype: Any = jnp.float32) -> jax.Array:
   backward solve runs then).
   It leaves every other gradient unchanged and needs no host callback.
 
-  Example:
+  Examples:
     >>> import jaxdeq
     >>> jaxdeq.backward_probe().shape
     (3,)
@@ -144,7 +144,7 @@ class ImplicitAdjoint(AbstractAdjoint):
       reverse-mode backward solve (through `jax.debug.callback`).
     throw: raise `FixedPointError` when a backward solve fails.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> def z_star(x):
     ...   return jaxdeq.fixed_point(lambda z, x: 0.5 * z + x, jnp.zeros(1), x,
@@ -357,7 +357,7 @@ class UnrolledAdjoint(AbstractAdjoint):
   Reverse mode only: `jax.jvp` raises JAX's "can't apply forward-mode
   autodiff (jvp) to a custom_vjp function" (use `ImplicitAdjoint`).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> def z_star(x):
     ...   return jaxdeq.fixed_point(lambda z, x: 0.5 * z + x, jnp.zeros(1), x,
@@ -608,7 +608,7 @@ class PhantomAdjoint(_CheapAdjoint):
     steps: number of differentiated steps (>= 1).
     damping: step size in (0, 1].
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> def z_star(x):
     ...   return jaxdeq.fixed_point(lambda z, x: 0.5 * z + x, jnp.zeros(1), x,
@@ -672,7 +672,7 @@ class NeumannAdjoint(_CheapAdjoint):
     terms: terms of the series (>= 1); `terms=1` is damping * g df/dargs.
     damping: in (0, 1].
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> def z_star(x):
     ...   return jaxdeq.fixed_point(lambda z, x: 0.5 * z + x, jnp.zeros(1), x,
@@ -723,7 +723,7 @@ class SHINEAdjoint(_CheapAdjoint):
       refined by the backward solve (inf: never refine).
     solver: solver of the fallback backward (default: the forward solver).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> def z_star(x):
     ...   return jaxdeq.fixed_point(lambda z, x: 0.5 * jnp.tanh(z) + x,

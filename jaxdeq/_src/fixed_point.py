@@ -98,7 +98,7 @@ def fixed_point(
       state can resolve.
     FixedPointError: with `throw=True`, on failure.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> sol = jaxdeq.fixed_point(lambda z, a: jnp.cos(z), jnp.zeros(()), None,
     ...                          solver=jaxdeq.Anderson(tol=1e-6),

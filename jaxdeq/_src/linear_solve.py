@@ -27,7 +27,7 @@ class GMRES:
       cycle).
     max_restarts: most cycles after the first.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> adjoint = jaxdeq.ImplicitAdjoint(solver=jaxdeq.GMRES(tol=1e-6))
     >>> f = lambda z, c: -0.9996 * z + c  # df/dz ~ -1: iteration crawls
@@ -112,7 +112,7 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
   Returns:
     (batch, n) approximate solutions.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxdeq._src.linear_solve import batched_gmres
     >>> a = jnp.array([[[2., 1.], [0., 3.]], [[1., 0.], [1., 1.]]])

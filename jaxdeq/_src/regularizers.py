@@ -75,7 +75,7 @@ def jacobian_penalty(f: Callable[[Any, Any], Any], z: Any, args: Any,
     (batch,) estimates (a scalar with `batched=False`), in z's compute
     dtype.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> a = 0.5 * jnp.eye(3)
     >>> p = jaxdeq.jacobian_penalty(lambda z, _: z @ a, jnp.ones((2, 3)),
@@ -123,7 +123,7 @@ def spectral_radius(f: Callable[[Any, Any], Any], z: Any, args: Any,
   Returns:
     (batch,) estimates (a scalar with `batched=False`).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> a = jnp.array([[0.9, 0.0], [0.0, -0.2]])
     >>> rho = jaxdeq.spectral_radius(lambda z, _: z @ a, jnp.ones((1, 2)),

@@ -152,7 +152,7 @@ def catch_failures(fn: Callable) -> Callable:
   result and re-raises such an error as `FixedPointError` with the message
   first. Other errors pass unchanged.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
     >>> @jaxdeq.catch_failures
     ... @jax.jit

@@ -50,7 +50,7 @@ class LeafSplit(NamedTuple):
 def split_differentiable(tree: Any) -> tuple[list, Callable[[list], Any]]:
   """The differentiable leaves of `tree` and a function that puts them back.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> diff, rebuild = split_differentiable((jnp.ones(2), 3, None))
     >>> len(diff), rebuild([jnp.zeros(2)])[1]

@@ -24,7 +24,7 @@ class TanhCell(nnx.Module):
     rngs: `nnx.Rngs` for the initialisation.
     param_dtype: dtype of W.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxdeq.nnx import TanhCell
@@ -73,7 +73,7 @@ class ResNetCell(nnx.Module):
     rngs: `nnx.Rngs` for the initialisation.
     param_dtype: dtype of the parameters.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxdeq.nnx import ResNetCell
@@ -167,7 +167,7 @@ class MultiscaleCell(nnx.Module):
     rngs: `nnx.Rngs`.
     param_dtype: parameter dtype.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxdeq.nnx import MultiscaleCell

@@ -33,7 +33,7 @@ def conv2d_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     (batch, height, width, out_channels).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxdeq.nnx import conv2d_same
     >>> conv2d_same(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 5))).shape

@@ -131,7 +131,7 @@ class DEQ(nnx.Module):
   In training mode (the default; `model.eval()` sets `deterministic`), a
   `VariationalDropout` inside the cell draws one mask per solve.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, jaxdeq
     >>> from flax import nnx
     >>> from jaxdeq.nnx import DEQ, TanhCell
@@ -228,7 +228,7 @@ class DEQ(nnx.Module):
   def initial_state(self, x: Any) -> Any:
     """The solve's start when no `z0` is given: `z_init` applied to `x`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from jaxdeq.nnx import DEQ, TanhCell
@@ -259,7 +259,7 @@ class DEQ(nnx.Module):
     """The batch mean of ||d cell / dz||_F^2 / d at `z` (what
     `jacobian_penalty=True` stores in `deq.penalty`), as float32.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import nnx
       >>> from jaxdeq.nnx import DEQ, TanhCell
@@ -275,7 +275,7 @@ class DEQ(nnx.Module):
                       z: Any = None) -> jax.Array:
     """Per-sample estimate of rho(d cell / dz) at z* (or at `z`).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import nnx
       >>> from jaxdeq.nnx import DEQ, TanhCell
@@ -295,7 +295,7 @@ class DEQ(nnx.Module):
             ) -> solution_lib.Solution:
     """Like calling the layer, but returns the whole `jaxdeq.Solution`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jaxdeq
       >>> from flax import nnx
       >>> from jaxdeq.nnx import DEQ, TanhCell

@@ -36,7 +36,7 @@ class VariationalDropout(nnx.Module):
       variational dropout).
     rngs: `nnx.Rngs` with a "dropout" stream (or a default one).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxdeq.nnx import VariationalDropout
@@ -118,7 +118,7 @@ class CellNormalization(nnx.Module):
     power-iteration step per training solve on v reshaped to
     (fan_in, features), its vector kept in a `SpectralVector`.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxdeq.nnx import CellNormalization, TanhCell

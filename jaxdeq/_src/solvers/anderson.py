@@ -45,7 +45,7 @@ class Anderson(base.FixedPointSolver):
       residuals are small, and Anderson then decays to averaging; a relative
       `lam` keeps its acceleration down to the tolerance.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, jaxdeq
     >>> W = 0.5 * jnp.eye(3)
     >>> sol = jaxdeq.fixed_point(lambda z, x: z @ W + x, jnp.zeros((2, 3)),

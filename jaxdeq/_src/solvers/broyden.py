@@ -43,7 +43,7 @@ class Broyden(base.FixedPointSolver):
     max_steps: most steps.
     memory: rank of the inverse-Jacobian estimate (>= 1).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, jaxdeq
     >>> sol = jaxdeq.fixed_point(lambda z, a: jnp.cos(z), jnp.zeros((4, 1)),
     ...                          None, solver=jaxdeq.Broyden(tol=1e-6))

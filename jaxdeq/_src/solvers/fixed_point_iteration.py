@@ -23,7 +23,7 @@ class FixedPointIteration(base.FixedPointSolver):
     max_steps: most steps.
     damping: step size in (0, 1]; 1 is plain iteration.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, jaxdeq
     >>> sol = jaxdeq.fixed_point(lambda z, a: jnp.cos(z), jnp.zeros(1), None,
     ...                          solver=jaxdeq.FixedPointIteration(tol=1e-6,

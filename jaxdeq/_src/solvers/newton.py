@@ -50,7 +50,7 @@ class Newton(base.FixedPointSolver):
     gmres_krylov_dim: most inner GMRES iterations (its Krylov dimension; no
       restarts).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, jaxdeq
     >>> sol = jaxdeq.fixed_point(lambda z, a: jnp.cos(z), jnp.zeros((2, 1)),
     ...                          None, solver=jaxdeq.Newton(tol=1e-6))
