@@ -1,13 +1,17 @@
 """Peak memory of one training step against solver steps, per adjoint.
 
-python -m benchmarks.memory [--steps 10 25 50 100 200] [--plot benchmarks/memory.png]
+python -m benchmarks.memory [--steps 10 25 50 100 200] [--record] [--plot FILE]
 
 One SGD step of the tutorial's MNIST model (784 -> 100 -> tanh DEQ -> 10,
 batch 100) with plain iteration forced to take exactly N steps (tol far below
 reach). Memory is XLA's own analysis of the compiled step (temporaries +
-arguments + outputs, CPU) or the device's peak after the step (GPU). "naive
-unrolled" is plain autodiff through a `lax.scan` of N steps, the baseline that
-stores every iterate.
+arguments + outputs, CPU) or the device's peak after the step (GPU). The
+unrolled adjoint in both modes: its stored trajectory (memory linear in
+max_steps, what its default budget gives this model) and sqrt(max_steps)
+checkpointing (`memory_budget=0`). "naive unrolled" is plain autodiff through
+a `lax.scan` of N steps, the baseline that stores every step's residuals.
+With --record the table is appended to RESULTS.md and the plot written to
+benchmarks/memory.png (or --plot).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from jaxdeq.nnx import DEQ, TanhCell
 ADJOINTS = {
     "implicit": jaxdeq.ImplicitAdjoint,
     "phantom": jaxdeq.PhantomAdjoint,
-    "unrolled": jaxdeq.UnrolledAdjoint,
+    "unrolled, stored": jaxdeq.UnrolledAdjoint,
+    "unrolled, checkpointed": lambda: jaxdeq.UnrolledAdjoint(memory_budget=0),
 }
 
 
@@ -74,8 +79,14 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, nargs="+",
                       default=[10, 25, 50, 100, 200])
-  parser.add_argument("--plot", default="benchmarks/memory.png")
+  parser.add_argument("--record", action="store_true",
+                      help="append the table to benchmarks/RESULTS.md and"
+                      " write the plot (default benchmarks/memory.png)")
+  parser.add_argument("--plot", default=None,
+                      help="write the plot here (default: only with --record)")
   args = parser.parse_args(argv)
+  if args.record and args.plot is None:
+    args.plot = "benchmarks/memory.png"
   kinds = list(ADJOINTS) + ["naive unrolled"]
   table = {k: [] for k in kinds}
   for steps in args.steps:
@@ -109,8 +120,8 @@ def main(argv=None) -> None:
     fig.tight_layout()
     fig.savefig(args.plot)
     body += f"\n\n![memory vs steps]({args.plot.split('/')[-1]})"
-  _results.append("Memory: one training step vs solver steps",
-                  _results.command("memory", argv), body)
+  _results.report(body, record=args.record, module="memory", argv=argv,
+                  title="Memory: one training step vs solver steps")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where a jaxdeq MNIST training step spends its time (XLA:CPU profile).
 
-python -m benchmarks.profile_mnist [--layers fixed_point newton_implicit_gmres]
+python -m benchmarks.profile_mnist [--layers fixed_point newton_implicit_gmres] [--record]
     [--warmup 100] [--steps 20] [--data-dir DIR]
 
 For each layer: trains `--warmup` batches of Fashion-MNIST (so that the solver
@@ -168,6 +168,8 @@ def main(argv=None) -> None:
   parser.add_argument("--warmup", type=int, default=100)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--record", action="store_true",
+                      help="append the table to benchmarks/RESULTS.md")
   args = parser.parse_args(argv)
   if args.warmup < 1 or args.steps < 1:
     parser.error("--warmup and --steps must be positive")
@@ -198,8 +200,8 @@ def main(argv=None) -> None:
       " experiment's model (batch 100, seed-0 training order, after the"
       " warm-up batches). Op times are summed over the profiled steps; 'not in"
       " ops' is the profiled wall time they leave (dispatch, host, gaps).")
-  _results.append("Profile of an MNIST training step",
-                  _results.command("profile_mnist", argv), body)
+  _results.report(body, record=args.record, module="profile_mnist", argv=argv,
+                  title="Profile of an MNIST training step")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """jaxdeq's solvers against jaxopt and optimistix on the same problems.
 
-python -m benchmarks.solvers [--repeats 5] [--quick]
+python -m benchmarks.solvers [--repeats 5] [--quick] [--record]
 
 Needs `pip install jaxopt optimistix` (the `benchmarks` extra). Every solver
 targets tol 1e-4; tolerances are defined differently across libraries (jaxopt:
@@ -112,6 +112,8 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--quick", action="store_true",
                       help="small cases only (a smoke run)")
+  parser.add_argument("--record", action="store_true",
+                      help="append the table to benchmarks/RESULTS.md")
   args = parser.parse_args(argv)
   problems = {}
   sizes = [(100, 1), (100, 100)] if args.quick else [
@@ -143,8 +145,8 @@ def main(argv=None) -> None:
   body = _results.markdown_table(
       ["problem", "solver", "fwd ms", "fwd+bwd ms", "steps",
        "worst per-sample rel. residual"], rows)
-  _results.append("Solvers vs jaxopt and optimistix",
-                  _results.command("solvers", argv), body)
+  _results.report(body, record=args.record, module="solvers", argv=argv,
+                  title="Solvers vs jaxopt and optimistix")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 python -m benchmarks.vs_pytorch [--epochs 2] [--layers fixed_point newton
     newton_implicit newton_gmres newton_implicit_gmres] [--data-dir DIR]
-    [--limit-train N] [--seed S]
+    [--limit-train N] [--seed S] [--record]
 
 Needs `pip install torch==2.13.0` next to jaxdeq (benchmark-only). For each
 layer, the PyTorch reference and jaxdeq train the same model from the same
@@ -119,6 +119,8 @@ def main(argv=None) -> None:
   parser.add_argument("--skip-grad-norm", type=float, default=100.0,
                       help="jaxdeq's unrolled Newton layers also undo updates"
                       " whose gradient norm exceeds this (0: NaN guard only)")
+  parser.add_argument("--record", action="store_true",
+                      help="append the table to benchmarks/RESULTS.md")
   args = parser.parse_args(argv)
   dataset = data.load("fashion_mnist", args.data_dir).limit(
       args.limit_train, None)
@@ -184,8 +186,8 @@ def main(argv=None) -> None:
            " (1 - tanh^2) stays finite there, so its unrolled Newton layers"
            f" also undo updates with gradient norm > {args.skip_grad_norm:g}"
            " (`--skip-grad-norm`; normal norms are ~1).")
-  _results.append("vs the tutorial's PyTorch (MNIST layers)",
-                  _results.command("vs_pytorch", argv), body)
+  _results.report(body, record=args.record, module="vs_pytorch", argv=argv,
+                  title="vs the tutorial's PyTorch (MNIST layers)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """jaxdeq vs torchdeq on the tutorial's ResNet DEQ cell and the tanh cell.
 
-python -m benchmarks.vs_torchdeq [--batches 1 10 100] [--repeats 3] [--tol 1e-2] [--max-steps 25]
+python -m benchmarks.vs_torchdeq [--batches 1 10 100] [--repeats 3] [--tol 1e-2] [--max-steps 25] [--record]
 
 Needs `pip install torch==2.13.0 && pip install torchdeq==0.1.0 --no-deps`.
 Same weights (copied from the jaxdeq cell into an equivalent PyTorch module),
@@ -161,6 +161,8 @@ def main(argv=None) -> None:
   parser.add_argument("--tol", type=float, default=1e-2)
   parser.add_argument("--max-steps", type=int, default=25)
   parser.add_argument("--cells", nargs="+", default=["resnet", "tanh"])
+  parser.add_argument("--record", action="store_true",
+                      help="append the table to benchmarks/RESULTS.md")
   args = parser.parse_args(argv)
   rows = []
   for cell_name in args.cells:
@@ -196,8 +198,8 @@ def main(argv=None) -> None:
   body += (f"\n\nAnderson m=5, lam=1e-4, tol {args.tol:g} (relative), max"
            f" {args.max_steps} steps, implicit backward by Anderson; CPU, torch"
            f" threads = {torch.get_num_threads()}.")
-  _results.append("vs torchdeq (ResNet and tanh cells)",
-                  _results.command("vs_torchdeq", argv), body)
+  _results.report(body, record=args.record, module="vs_torchdeq", argv=argv,
+                  title="vs torchdeq (ResNet and tanh cells)")
 
 
 if __name__ == "__main__":

@@ -50,10 +50,15 @@ SOLVERS = {
 }
 
 
+# The unrolled adjoint's two modes: the stored trajectory (what the default
+# budget gives these small problems) and sqrt(max_steps) checkpointing.
+UNROLLED = {"stored": jaxdeq.UnrolledAdjoint(),
+            "checkpointed": jaxdeq.UnrolledAdjoint(memory_budget=0)}
+
+
 @pytest.mark.parametrize("solver", SOLVERS.values(), ids=SOLVERS.keys())
-@pytest.mark.parametrize("adjoint", [jaxdeq.ImplicitAdjoint(),
-                                     jaxdeq.UnrolledAdjoint()],
-                         ids=["implicit", "unrolled"])
+@pytest.mark.parametrize("adjoint", [jaxdeq.ImplicitAdjoint(), *UNROLLED.values()],
+                         ids=["implicit", *UNROLLED])
 def test_gradient_matches_finite_differences(solver, adjoint, x64):
   w, x = tanh_problem()
   check_grads(solve_fn(solver, adjoint), (w, x), order=1, modes=["rev"],
@@ -127,14 +132,15 @@ def test_unrolled_is_exact_backprop_of_the_steps_taken(x64):
       jax.grad(theirs, argnums=(0, 1, 2))(z0, w, x), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", UNROLLED)
 @pytest.mark.parametrize("max_steps", [1, 2, 7, 16, 17, 50])
-def test_unrolled_checkpoint_segments(max_steps, x64):
+def test_unrolled_checkpoint_segments(max_steps, mode, x64):
   # Every segment length and boundary case: gradients equal the reference.
   w, x = tanh_problem(dim=3, batch=2, seed=2)
   solver = jaxdeq.FixedPointIteration(1e-14, max_steps)
   ours = jax.grad(lambda w: jnp.sum(jaxdeq.fixed_point(
       tanh_map, jnp.zeros_like(x), (w, x), solver=solver,
-      adjoint=jaxdeq.UnrolledAdjoint()).value))(w)
+      adjoint=UNROLLED[mode]).value))(w)
   theirs = jax.grad(lambda w: jnp.sum(reference_unrolled(
       tanh_map, jnp.zeros_like(x), (w, x), max_steps)))(w)
   chex.assert_trees_all_close(ours, theirs, rtol=1e-10, atol=1e-12)
@@ -145,7 +151,8 @@ def test_unrolled_checkpoint_segments(max_steps, x64):
     jaxdeq.Anderson(1e-6, 300, m=3),
     jaxdeq.Broyden(1e-6, 300),
 ], ids=["iteration", "anderson", "broyden"])
-def test_unrolled_batch_equals_sum_of_samples_alone(solver, x64):
+@pytest.mark.parametrize("mode", UNROLLED)
+def test_unrolled_batch_equals_sum_of_samples_alone(solver, mode, x64):
   # Samples converge after different numbers of steps and are frozen while
   # the others go on; each must get exactly the gradient of its own
   # trajectory, as if solved alone.
@@ -154,7 +161,7 @@ def test_unrolled_batch_equals_sum_of_samples_alone(solver, x64):
 
   def loss(w, x):
     sol = jaxdeq.fixed_point(tanh_map, jnp.zeros_like(x), (w, x),
-                             solver=solver, adjoint=jaxdeq.UnrolledAdjoint())
+                             solver=solver, adjoint=UNROLLED[mode])
     return jnp.sum(jnp.sin(3 * sol.value)), sol.stats.sample_steps
 
   (grad_w, grad_x), steps = jax.grad(loss, argnums=(0, 1), has_aux=True)(w, x)
@@ -167,7 +174,8 @@ def test_unrolled_batch_equals_sum_of_samples_alone(solver, x64):
                               rtol=1e-9, atol=1e-12)
 
 
-def test_unrolled_gradient_skips_a_diverging_sample(x64):
+@pytest.mark.parametrize("mode", UNROLLED)
+def test_unrolled_gradient_skips_a_diverging_sample(mode, x64):
   # z <- c z^2 + x: sample 0 converges; sample 1 overflows to inf and is
   # flagged. Its best iterate is z0 (its residual only grew), so it adds
   # nothing to dL/dc, and its inf/NaN steps must not poison the shared
@@ -177,7 +185,7 @@ def test_unrolled_gradient_skips_a_diverging_sample(x64):
 
   def loss(c, x):
     sol = jaxdeq.fixed_point(f, jnp.zeros_like(x), (c, x), solver=solver,
-                             adjoint=jaxdeq.UnrolledAdjoint())
+                             adjoint=UNROLLED[mode])
     return jnp.sum(sol.value), sol.stats
 
   c = jnp.array(0.1)
@@ -210,7 +218,21 @@ def test_unrolled_gradient_flows_to_z0_when_z0_is_best(x64):
   chex.assert_trees_all_close(jac_x, jnp.zeros_like(jac_x))
 
 
-def test_unrolled_cost_follows_steps_taken_not_max_steps():
+def test_unrolled_mode_follows_the_memory_budget():
+  z0 = jnp.zeros((4, 100), jnp.float32)  # z and f(z): 3,200 bytes a step
+  f = lambda z, x: 0.5 * jnp.tanh(z) + x
+  every = lambda adjoint, steps: adjoint._checkpoint_every(
+      f, z0, z0, jaxdeq.FixedPointIteration(1e-4, steps))
+  assert every(jaxdeq.UnrolledAdjoint(memory_budget=3200 * 100), 100) == 1
+  assert every(jaxdeq.UnrolledAdjoint(memory_budget=3200 * 100), 101) == 11
+  assert every(jaxdeq.UnrolledAdjoint(memory_budget=0), 100) == 10
+  for bad in (-1, 1.5, None):
+    with pytest.raises(ValueError, match="memory_budget"):
+      jaxdeq.UnrolledAdjoint(memory_budget=bad)
+
+
+@pytest.mark.parametrize("mode", UNROLLED)
+def test_unrolled_cost_follows_steps_taken_not_max_steps(mode):
   calls = []
 
   def f(z, a):
@@ -219,7 +241,7 @@ def test_unrolled_cost_follows_steps_taken_not_max_steps():
 
   grad = jax.grad(lambda a: jnp.sum(jaxdeq.fixed_point(
       f, jnp.zeros((1, 1)), a, solver=jaxdeq.FixedPointIteration(1e-3, 10_000),
-      adjoint=jaxdeq.UnrolledAdjoint()).value))
+      adjoint=UNROLLED[mode]).value))
   jax.block_until_ready(grad(jnp.ones((1, 1))))
   jax.effects_barrier()
   # ~13 steps: forward, replay and VJP each evaluate f about once per step.

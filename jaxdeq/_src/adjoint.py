@@ -345,11 +345,20 @@ def _stats_vector(stats, dtype):
 class UnrolledAdjoint(AbstractAdjoint):
   """Exact backpropagation through the steps the solver actually took.
 
-  The forward loop stores the iterate every ~sqrt(max_steps) steps; the
-  backward replays each segment from its checkpoint, keeping each step's VJP
-  residuals, and backpropagates through it in reverse. Compute grows with the
-  steps taken (each step is run twice and differentiated once), memory with
-  sqrt(max_steps), never with max_steps. Only the iterate's update is
+  Two modes, both with compute proportional to the steps taken, never to
+  `max_steps`:
+
+  - *stored trajectory*, when `max_steps` steps' carries (z, f(z), solver
+    state) fit in `memory_budget` bytes: the forward loop stores each step's
+    carry, and the backward visits the steps taken in reverse, linearising
+    and backpropagating each in one go. Memory linear in `max_steps`.
+  - *checkpointed* beyond the budget (or with `memory_budget=0`): the
+    forward loop stores the carry every ~sqrt(max_steps) steps; the backward
+    replays each segment from its checkpoint into a buffer of VJP residuals
+    and backpropagates through it in reverse. Memory grows with
+    sqrt(max_steps); each step runs once more than in the stored mode.
+
+  Only the iterate's update is
   differentiated (not the driver's residuals or best-iterate bookkeeping):
   each sample gets the exact gradient of its own trajectory up to the iterate
   returned for it, and a sample that went non-finite adds nothing (no NaN in
@@ -365,10 +374,39 @@ class UnrolledAdjoint(AbstractAdjoint):
     ...                             adjoint=jaxdeq.UnrolledAdjoint()).value
     >>> round(float(jax.grad(lambda x: z_star(x).sum())(jnp.ones(1))[0]), 3)
     2.0
+
+  Attributes:
+    memory_budget: bytes the stored trajectory may take (max_steps carries of
+      the whole batch); beyond it, or with 0, the checkpointed mode. The
+      default, 32 MiB, holds the tutorial's MNIST layers (batch 100, width
+      100: 80 KB a step) for 400 steps. Larger budgets pay on accelerators;
+      on CPU, buffers above ~32 MiB are fresh allocations at every call
+      whose page faults cost more than the replay they save (measured with
+      `python -m benchmarks.unrolled`).
   """
 
+  memory_budget: int = 32 * 2**20
+
+  def __post_init__(self):
+    if not (isinstance(self.memory_budget, int) and self.memory_budget >= 0):
+      raise ValueError(f"UnrolledAdjoint(memory_budget) must be an int >= 0"
+                       f" (bytes), got {self.memory_budget!r}")
+
+  def _checkpoint_every(self, fn, z0, args, solver) -> int:
+    """1 (the stored trajectory) when it fits the budget, else ~sqrt(max)."""
+    if self.memory_budget:
+      carry = jax.eval_shape(
+          lambda z0, a: loop.checkpoint_of(loop.init_iterate(fn, solver, z0,
+                                                             a)), z0, args)
+      per_step = sum(x.size * x.dtype.itemsize
+                     for x in jax.tree.leaves(carry))
+      if per_step * solver.max_steps <= self.memory_budget:
+        return 1
+    return loop.checkpoint_interval(solver.max_steps)
+
   def solve(self, fn, z0, args, solver, *, budget=None, record_steps=()):
-    return _unrolled(fn, solver, record_steps, z0, args, budget)
+    every = self._checkpoint_every(fn, z0, args, solver)
+    return _unrolled(fn, solver, record_steps, every, z0, args, budget)
 
   def at_state(self, fn, z, args, solver):
     raise ValueError(
@@ -378,13 +416,12 @@ class UnrolledAdjoint(AbstractAdjoint):
         " NeumannAdjoint")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _unrolled(fn, solver, record_steps, z0, args, budget):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _unrolled(fn, solver, record_steps, every, z0, args, budget):
   return _solve(fn, z0, args, solver, budget, record_steps)
 
 
-def _unrolled_fwd(fn, solver, record_steps, z0, args, budget):
-  every = loop.checkpoint_interval(solver.max_steps)
+def _unrolled_fwd(fn, solver, record_steps, every, z0, args, budget):
   sol, checkpoints, _ = loop.solve(fn, z0, args, solver,
                                    checkpoint_every=every, budget=budget,
                                    record_steps=record_steps)
@@ -424,7 +461,7 @@ def _replayed_step(fn, solver, rebuild, states, sample_steps, diff_args):
   return traced_step
 
 
-def _unrolled_bwd(fn, solver, record_steps, residuals, cotangent):
+def _unrolled_bwd(fn, solver, record_steps, every, residuals, cotangent):
   """Reverse sweep through the solver's steps, segment by segment.
 
   Only the iterate's own update is differentiated: z <- step(z, f(z)) with
@@ -435,7 +472,6 @@ def _unrolled_bwd(fn, solver, record_steps, residuals, cotangent):
   flows back through the steps before it.
   """
   checkpoints, num_steps, sample_steps, best_step, z0, args = residuals
-  every = loop.checkpoint_interval(solver.max_steps)
   diff_args, rebuild = tree.split_differentiable(args)
   states = tree.LeafSplit.of(
       jax.tree.map(lambda c: c[0], checkpoints.solver_state))
@@ -451,8 +487,12 @@ def _unrolled_bwd(fn, solver, record_steps, residuals, cotangent):
     hit = base.per_sample(best_step == after_step, cot_z)
     return cot_z + jnp.where(hit, cotangent.value, 0)
 
-  cot, cot_args = _reverse_segments(traced_step, checkpoint, inject, every,
+  if every == 1:
+    cot, cot_args = _reverse_stored(traced_step, checkpoint, inject,
                                     num_steps, z0, diff_args)
+  else:
+    cot, cot_args = _reverse_segments(traced_step, checkpoint, inject, every,
+                                      num_steps, z0, diff_args)
   cot_z, cot_fz, cot_state = cot
   cot_z = inject(cot_z, 0)
 
@@ -465,6 +505,33 @@ def _unrolled_bwd(fn, solver, record_steps, residuals, cotangent):
   cot_z0, cot_init_args = vjp_init((cot_z, cot_fz, cot_state))
   cot_args = jax.tree.map(jnp.add, cot_args, cot_init_args)
   return cot_z0, tree.fill_nondifferentiable(args, cot_args), None
+
+
+def _zero_cotangents(checkpoint, z0, diff_args):
+  first = checkpoint(0)
+  cot = (jnp.zeros_like(z0), jnp.zeros_like(first[1]),
+         [jnp.zeros_like(x) for x in first[2]])
+  return cot, jax.tree.map(jnp.zeros_like, diff_args)
+
+
+def _reverse_stored(traced_step, checkpoint, inject, num_steps, z0,
+                    diff_args):
+  """The reverse sweep over a stored trajectory: each step taken, last
+  first, is linearised at its stored carry and backpropagated at once."""
+
+  def body(carry):
+    step, (cot_z, cot_fz, cot_state), cot_args = carry
+    cot_z = inject(cot_z, step + 1)
+    _, pullback = traced_step(checkpoint(step), step)
+    cot_z, cot_fz, cot_state, cot_step_args = pullback(
+        (cot_z, cot_fz, cot_state))
+    return (step - 1, (cot_z, cot_fz, cot_state),
+            jax.tree.map(jnp.add, cot_args, cot_step_args))
+
+  cot, cot_args = _zero_cotangents(checkpoint, z0, diff_args)
+  _, cot, cot_args = jax.lax.while_loop(
+      lambda c: c[0] >= 0, body, (num_steps - 1, cot, cot_args))
+  return cot, cot_args
 
 
 def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
@@ -517,10 +584,7 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
     cot, cot_args = jax.lax.fori_loop(0, length, reverse, (cot, cot_args))
     return seg - 1, buffer, cot, cot_args
 
-  first = checkpoint(0)
-  cot = (jnp.zeros_like(z0), jnp.zeros_like(first[1]),
-         [jnp.zeros_like(x) for x in first[2]])
-  cot_args = jax.tree.map(jnp.zeros_like, diff_args)
+  cot, cot_args = _zero_cotangents(checkpoint, z0, diff_args)
   num_segments = -(-num_steps // every)
   _, _, cot, cot_args = jax.lax.while_loop(
       lambda c: c[0] >= 0, segment,

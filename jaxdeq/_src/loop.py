@@ -122,21 +122,40 @@ def checkpoint_interval(max_steps: int) -> int:
   return max(1, math.isqrt(max_steps - 1) + 1) if max_steps > 1 else 1
 
 
-def _allocate_checkpoints(it: Iterate, count: int) -> Iterate:
-  return jax.tree.map(lambda x: jnp.zeros((count,) + x.shape, x.dtype), it)
+class Checkpoint(NamedTuple):
+  """What a replay needs of the carry before a step."""
+
+  z: jax.Array
+  fz: jax.Array
+  solver_state: Any
 
 
-def _store(buffer: Any, tree: Any, index: jax.Array) -> Any:
-  return jax.tree.map(
-      lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, index, 0),
-      buffer, tree)
+def checkpoint_of(it: Iterate) -> Checkpoint:
+  return Checkpoint(it.z, it.fz, it.solver_state)
+
+
+def _store_if(buffer: Any, tree: Any, index: jax.Array,
+              store: jax.Array) -> Any:
+  """Writes `tree` at `index` when `store`, in place.
+
+  A `lax.cond` around the write would copy the whole buffer at every step
+  (XLA does not alias a cond's operands): a cost that grew with max_steps.
+  Selecting between the new row and the row already there touches one row.
+  """
+
+  def write(b, x):
+    kept = jax.lax.dynamic_index_in_dim(b, index, 0, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(b, jnp.where(store, x, kept),
+                                               index, 0)
+
+  return jax.tree.map(write, buffer, tree)
 
 
 class _Carry(NamedTuple):
   step: jax.Array
   iterate: Iterate
   trace: jax.Array
-  checkpoints: Optional[Iterate]
+  checkpoints: Optional[Checkpoint]
   recorded: Optional[jax.Array]
 
 
@@ -144,7 +163,7 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
           checkpoint_every: Optional[int] = None,
           budget: Optional[jax.Array] = None,
           record_steps: tuple[int, ...] = (),
-          ) -> tuple[solution_lib.Solution, Optional[Iterate], Iterate]:
+          ) -> tuple[solution_lib.Solution, Optional[Checkpoint], Iterate]:
   """Runs `solver` on `f` from `z0` until every sample is done or max_steps.
 
   Args:
@@ -153,9 +172,10 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
     z0: (batch, d) initial iterate.
     args: the map's arguments.
     solver: a `FixedPointSolver`.
-    checkpoint_every: if set, the iterate before every step whose index is a
-      multiple of it is stored (for `UnrolledAdjoint`'s replay); the buffer
-      holds ceil(max_steps / checkpoint_every) iterates.
+    checkpoint_every: if set, the carry (z, f(z), solver state) before every
+      step whose index is a multiple of it is stored (for `UnrolledAdjoint`);
+      the buffer holds ceil(max_steps / checkpoint_every) of them. With 1,
+      the whole trajectory is stored.
     budget: optional () int traced step budget; the loop stops after
       min(budget, solver.max_steps) steps. `solver.max_steps` stays the
       static cap that sizes the buffers, so a new budget needs no retrace.
@@ -175,8 +195,9 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
   trace = jnp.full((rows, z0.shape[0]), jnp.nan, it0.residual.dtype)
   checkpoints = None
   if checkpoint_every is not None:
-    checkpoints = _allocate_checkpoints(
-        it0, -(-max_steps // checkpoint_every))
+    count = -(-max_steps // checkpoint_every)
+    checkpoints = jax.tree.map(
+        lambda x: jnp.zeros((count,) + x.shape, x.dtype), checkpoint_of(it0))
 
   recorded = None
   if record_steps:
@@ -188,11 +209,14 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
 
   def body(carry: _Carry) -> _Carry:
     step, it, trace, checkpoints, recorded = carry
-    if checkpoints is not None:
-      checkpoints = jax.lax.cond(
-          step % checkpoint_every == 0,
-          lambda b: _store(b, it, step // checkpoint_every),
-          lambda b: b, checkpoints)
+    if checkpoints is not None and checkpoint_every == 1:
+      checkpoints = jax.tree.map(
+          lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, step, 0),
+          checkpoints, checkpoint_of(it))
+    elif checkpoints is not None:
+      checkpoints = _store_if(checkpoints, checkpoint_of(it),
+                              step // checkpoint_every,
+                              step % checkpoint_every == 0)
     it = advance(f, solver, args, it, step)
     if rows == max_steps:
       trace = jax.lax.dynamic_update_index_in_dim(trace, it.residual, step, 0)
