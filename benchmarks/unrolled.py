@@ -6,8 +6,9 @@ Forward + backward (`jax.grad`, jitted) of the tutorial's tanh fixed point
 (batch 100, width 100, plain iteration) that stops after the same ~15 steps
 whatever `max_steps` is: the time must not grow with `max_steps` (the
 checkpoint buffers it sizes are written one row per step, and the backward
-visits only the steps taken). `UnrolledAdjoint()` stores the trajectory
-while it fits its memory budget and checkpoints beyond (each cell says which);
+visits only the steps taken). `UnrolledAdjoint()` keeps a tape of each
+step's VJP residuals while max_steps rows fit its memory budget and
+checkpoints beyond (each cell says which);
 `memory_budget=0` always checkpoints. float32 and float64.
 """
 
@@ -47,8 +48,7 @@ def timed_gradient(mode: str, dtype, max_steps: int, repeats: int):
   analysis = compiled.memory_analysis()
   memory = analysis.temp_size_in_bytes if analysis is not None else 0
   steps = int(grad(w, x)[1])
-  stored = MODES[mode]._checkpoint_every(
-      lambda z, a: tanh_map(z, a), x, (w, x), solver) == 1
+  stored = MODES[mode]._checkpoint_every(tanh_map, x, (w, x), solver) == 0
   return (_results.median_seconds(grad, w, x, repeats=repeats), steps, memory,
           stored)
 
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         times.append(seconds)
         memories.append(memory)
         taken.add(steps)
-        used.append("stored" if stored else "checkpointed")
+        used.append("tape" if stored else "checkpointed")
         print(dtype, mode, max_steps, f"{seconds * 1e3:.2f} ms", steps,
               flush=True)
       rows.append([dtype, mode, "/".join(map(str, sorted(taken)))]

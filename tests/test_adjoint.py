@@ -50,8 +50,9 @@ SOLVERS = {
 }
 
 
-# The unrolled adjoint's two modes: the stored trajectory (what the default
-# budget gives these small problems) and sqrt(max_steps) checkpointing.
+# The unrolled adjoint's two modes: the tape of VJP residuals (what the
+# default budget gives these small problems) and sqrt(max_steps)
+# checkpointing.
 UNROLLED = {"stored": jaxdeq.UnrolledAdjoint(),
             "checkpointed": jaxdeq.UnrolledAdjoint(memory_budget=0)}
 
@@ -219,12 +220,15 @@ def test_unrolled_gradient_flows_to_z0_when_z0_is_best(x64):
 
 
 def test_unrolled_mode_follows_the_memory_budget():
-  z0 = jnp.zeros((4, 100), jnp.float32)  # z and f(z): 3,200 bytes a step
+  # A step's residuals: f(z)'s finite mask (400 bytes), tanh's output and
+  # 1 - it (2 x 1,600) and two scalars: 3,608 bytes. 0 means the tape, else
+  # the checkpoint interval.
+  z0 = jnp.zeros((4, 100), jnp.float32)
   f = lambda z, x: 0.5 * jnp.tanh(z) + x
   every = lambda adjoint, steps: adjoint._checkpoint_every(
       f, z0, z0, jaxdeq.FixedPointIteration(1e-4, steps))
-  assert every(jaxdeq.UnrolledAdjoint(memory_budget=3200 * 100), 100) == 1
-  assert every(jaxdeq.UnrolledAdjoint(memory_budget=3200 * 100), 101) == 11
+  assert every(jaxdeq.UnrolledAdjoint(memory_budget=3608 * 100), 100) == 0
+  assert every(jaxdeq.UnrolledAdjoint(memory_budget=3608 * 100), 101) == 11
   assert every(jaxdeq.UnrolledAdjoint(memory_budget=0), 100) == 10
   for bad in (-1, 1.5, None):
     with pytest.raises(ValueError, match="memory_budget"):

@@ -25,8 +25,8 @@ def test_unrolled_benchmark_prints_both_modes_and_records_nothing():
   table = [line for line in result.stdout.splitlines()
            if line.startswith("| float")]
   assert len(table) == 4
-  # A 4-step float32 trajectory fits the default budget: stored; with
+  # A 4-step float32 trajectory fits the default budget: the tape; with
   # memory_budget=0: checkpointed.
-  assert "(stored)" in table[0] and "(checkpointed)" in table[1]
+  assert "(tape)" in table[0] and "(checkpointed)" in table[1]
   assert digest(RESULTS) == before
   assert "appended" not in result.stdout

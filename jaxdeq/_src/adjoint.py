@@ -348,15 +348,18 @@ class UnrolledAdjoint(AbstractAdjoint):
   Two modes, both with compute proportional to the steps taken, never to
   `max_steps`:
 
-  - *stored trajectory*, when `max_steps` steps' carries (z, f(z), solver
-    state) fit in `memory_budget` bytes: the forward loop stores each step's
-    carry, and the backward visits the steps taken in reverse, linearising
-    and backpropagating each in one go. Memory linear in `max_steps`.
+  - *stored trajectory* (a tape), when `max_steps` steps' VJP residuals fit
+    in `memory_budget` bytes: the forward loop linearises each step as it
+    takes it and stores its residuals (the differentiable args themselves,
+    the same at every step, are not stored); the backward applies them to
+    the steps taken, last first, recomputing nothing. Memory linear in
+    `max_steps`.
   - *checkpointed* beyond the budget (or with `memory_budget=0`): the
-    forward loop stores the carry every ~sqrt(max_steps) steps; the backward
-    replays each segment from its checkpoint into a buffer of VJP residuals
-    and backpropagates through it in reverse. Memory grows with
-    sqrt(max_steps); each step runs once more than in the stored mode.
+    forward loop stores the carry (z, f(z), solver state) every
+    ~sqrt(max_steps) steps; the backward replays each segment from its
+    checkpoint into a buffer of VJP residuals and backpropagates through it
+    in reverse. Memory grows with sqrt(max_steps); each step runs once more
+    (the replay) than with the tape.
 
   Only the iterate's update is
   differentiated (not the driver's residuals or best-iterate bookkeeping):
@@ -376,13 +379,13 @@ class UnrolledAdjoint(AbstractAdjoint):
     2.0
 
   Attributes:
-    memory_budget: bytes the stored trajectory may take (max_steps carries of
+    memory_budget: bytes the tape may take (max_steps steps' residuals for
       the whole batch); beyond it, or with 0, the checkpointed mode. The
-      default, 32 MiB, holds the tutorial's MNIST layers (batch 100, width
-      100: 80 KB a step) for 400 steps. Larger budgets pay on accelerators;
-      on CPU, buffers above ~32 MiB are fresh allocations at every call
-      whose page faults cost more than the replay they save (measured with
-      `python -m benchmarks.unrolled`).
+      default, 32 MiB, holds the tutorial's fixed_point layer (batch 100,
+      width 100: 120 KB a step) for its 200 steps. Larger budgets pay on
+      accelerators; on CPU, buffers above ~32 MiB are fresh allocations at
+      every call whose page faults cost more than the replay they save
+      (measured with `python -m benchmarks.unrolled`).
   """
 
   memory_budget: int = 32 * 2**20
@@ -393,15 +396,16 @@ class UnrolledAdjoint(AbstractAdjoint):
                        f" (bytes), got {self.memory_budget!r}")
 
   def _checkpoint_every(self, fn, z0, args, solver) -> int:
-    """1 (the stored trajectory) when it fits the budget, else ~sqrt(max)."""
+    """0 (the tape) when max_steps rows fit the budget, else ~sqrt(max)."""
     if self.memory_budget:
-      carry = jax.eval_shape(
-          lambda z0, a: loop.checkpoint_of(loop.init_iterate(fn, solver, z0,
-                                                             a)), z0, args)
+      diff_args, rebuild = tree.split_differentiable(args)
+      tape_row = jax.eval_shape(
+          lambda z0, a: _tape_row_shapes(fn, solver, z0, a, rebuild),
+          z0, diff_args)
       per_step = sum(x.size * x.dtype.itemsize
-                     for x in jax.tree.leaves(carry))
+                     for x in jax.tree.leaves(tape_row))
       if per_step * solver.max_steps <= self.memory_budget:
-        return 1
+        return 0
     return loop.checkpoint_interval(solver.max_steps)
 
   def solve(self, fn, z0, args, solver, *, budget=None, record_steps=()):
@@ -421,10 +425,79 @@ def _unrolled(fn, solver, record_steps, every, z0, args, budget):
   return _solve(fn, z0, args, solver, budget, record_steps)
 
 
+def _linearized_step(fn, solver, rebuild, states, diff_args):
+  """The raw solver step and map as (z, fz, solver_state, step) -> (z_next,
+  fz_next, solver_state, row), linearised: `row` is the leaves of its
+  pullback (its VJP residuals) except those that are differentiable args
+  themselves (the same at every step: a kernel is not stored max_steps
+  times). `layout` (filled when traced): the pullback's tree, and for each
+  of its leaves ("arg", i) or ("row", i)."""
+  layout = []
+
+  def linearize(z, fz, solver_state, step_index):
+    state_diff, state_nondiff = states.split(solver_state)
+
+    def step(z, fz, state_diff, a):
+      # Zeroing a non-finite (done) sample's values keeps 0 * inf out of the
+      # shared parameter gradients.
+      z, fz, state_diff = tree.finite_or_zero((z, fz, state_diff))
+      a = rebuild(a)
+      z_next, state = solver.step(fn, z, fz, a,
+                                  states.merge(state_diff, state_nondiff),
+                                  step_index)
+      new_diff, new_nondiff = states.split(state)
+      return (z_next, fn(z_next, a), new_diff), new_nondiff
+
+    (z_next, fz_next, new_diff), pullback, new_nondiff = jax.vjp(
+        step, z, fz, state_diff, diff_args, has_aux=True)
+    row, layout[:] = _split_pullback(pullback, diff_args)
+    return z_next, fz_next, states.merge(new_diff, new_nondiff), row
+
+  return linearize, layout
+
+
+def _split_pullback(pullback, diff_args):
+  """A pullback's residual leaves except the differentiable args themselves
+  (found by identity while tracing: the same at every step, not stored),
+  and the [(treedef, places)] that `_pullback_of` rebuilds it with."""
+  leaves, treedef = jax.tree.flatten(pullback)
+  arg_leaves = jax.tree.leaves(diff_args)
+  places, row = [], []
+  for leaf in leaves:
+    same = [i for i, a in enumerate(arg_leaves) if leaf is a]
+    places.append(("arg", same[0]) if same else ("row", len(row)))
+    if not same:
+      row.append(leaf)
+  return row, [(treedef, places)]
+
+
+def _pullback_of(layout, row, diff_args):
+  treedef, places = layout[0]
+  arg_leaves = jax.tree.leaves(diff_args)
+  return jax.tree.unflatten(treedef, [
+      arg_leaves[i] if kind == "arg" else row[i] for kind, i in places])
+
+
+def _tape_row_shapes(fn, solver, z0, diff_args, rebuild):
+  it = loop.init_iterate(fn, solver, z0, rebuild(diff_args))
+  states = tree.LeafSplit.of(it.solver_state)
+  linearize, _ = _linearized_step(fn, solver, rebuild, states, diff_args)
+  return linearize(it.z, it.fz, it.solver_state, jnp.zeros((), jnp.int32))[3]
+
+
 def _unrolled_fwd(fn, solver, record_steps, every, z0, args, budget):
+  linearize = None
+  if every == 0:
+    diff_args, rebuild = tree.split_differentiable(args)
+    state0 = jax.eval_shape(
+        lambda z0, a: loop.init_iterate(fn, solver, z0, rebuild(a)
+                                        ).solver_state, z0, diff_args)
+    linearize, _ = _linearized_step(fn, solver, rebuild,
+                                    tree.LeafSplit.of(state0), diff_args)
   sol, checkpoints, _ = loop.solve(fn, z0, args, solver,
-                                   checkpoint_every=every, budget=budget,
-                                   record_steps=record_steps)
+                                   checkpoint_every=every or None,
+                                   budget=budget, record_steps=record_steps,
+                                   linearize=linearize)
   stats = sol.stats
   return sol, (checkpoints, stats.num_steps, stats.sample_steps,
                stats.best_step, z0, args)
@@ -473,8 +546,10 @@ def _unrolled_bwd(fn, solver, record_steps, every, residuals, cotangent):
   """
   checkpoints, num_steps, sample_steps, best_step, z0, args = residuals
   diff_args, rebuild = tree.split_differentiable(args)
-  states = tree.LeafSplit.of(
-      jax.tree.map(lambda c: c[0], checkpoints.solver_state))
+  state0 = jax.eval_shape(
+      lambda z0, a: loop.init_iterate(fn, solver, z0, rebuild(a)
+                                      ).solver_state, z0, diff_args)
+  states = tree.LeafSplit.of(state0)
   traced_step = _replayed_step(fn, solver, rebuild, states, sample_steps,
                                diff_args)
 
@@ -487,9 +562,10 @@ def _unrolled_bwd(fn, solver, record_steps, every, residuals, cotangent):
     hit = base.per_sample(best_step == after_step, cot_z)
     return cot_z + jnp.where(hit, cotangent.value, 0)
 
-  if every == 1:
-    cot, cot_args = _reverse_stored(traced_step, checkpoint, inject,
-                                    num_steps, z0, diff_args)
+  if every == 0:
+    cot, cot_args = _reverse_tape(fn, solver, rebuild, states, checkpoints,
+                                  inject, num_steps, sample_steps, z0,
+                                  diff_args)
   else:
     cot, cot_args = _reverse_segments(traced_step, checkpoint, inject, every,
                                       num_steps, z0, diff_args)
@@ -514,23 +590,42 @@ def _zero_cotangents(checkpoint, z0, diff_args):
   return cot, jax.tree.map(jnp.zeros_like, diff_args)
 
 
-def _reverse_stored(traced_step, checkpoint, inject, num_steps, z0,
-                    diff_args):
-  """The reverse sweep over a stored trajectory: each step taken, last
-  first, is linearised at its stored carry and backpropagated at once."""
+def _reverse_tape(fn, solver, rebuild, states, tape, inject, num_steps,
+                  sample_steps, z0, diff_args):
+  """The reverse sweep over the tape: each step taken, last first, applies
+  the pullback the forward loop stored; nothing is recomputed."""
+  linearize, layout = _linearized_step(fn, solver, rebuild, states,
+                                       diff_args)
+
+  def first_step(z0, a):
+    it = loop.init_iterate(fn, solver, z0, rebuild(a))
+    return linearize(it.z, it.fz, it.solver_state, jnp.zeros((), jnp.int32))
+
+  # Traced for the pullback's tree only (the tape holds its leaves).
+  _, fz_shape, state_shape, _ = jax.eval_shape(first_step, z0, diff_args)
 
   def body(carry):
     step, (cot_z, cot_fz, cot_state), cot_args = carry
     cot_z = inject(cot_z, step + 1)
-    _, pullback = traced_step(checkpoint(step), step)
-    cot_z, cot_fz, cot_state, cot_step_args = pullback(
-        (cot_z, cot_fz, cot_state))
+    # A frozen sample's step was the identity: its cotangent passes by.
+    active = base.per_sample(step < sample_steps, cot_z)
+    pullback = _pullback_of(layout, [
+        jax.lax.dynamic_index_in_dim(t, step, 0, keepdims=False)
+        for t in tape], diff_args)
+    moved_z, moved_fz, cot_state, cot_step_args = pullback(
+        (jnp.where(active, cot_z, 0), jnp.where(active, cot_fz, 0),
+         cot_state))
+    cot_z = moved_z + jnp.where(active, 0, cot_z)
+    cot_fz = moved_fz + jnp.where(active, 0, cot_fz)
     return (step - 1, (cot_z, cot_fz, cot_state),
             jax.tree.map(jnp.add, cot_args, cot_step_args))
 
-  cot, cot_args = _zero_cotangents(checkpoint, z0, diff_args)
+  state_diff = states.split(state_shape)[0]
+  cot = (jnp.zeros_like(z0), jnp.zeros(fz_shape.shape, fz_shape.dtype),
+         [jnp.zeros(x.shape, x.dtype) for x in state_diff])
   _, cot, cot_args = jax.lax.while_loop(
-      lambda c: c[0] >= 0, body, (num_steps - 1, cot, cot_args))
+      lambda c: c[0] >= 0, body,
+      (num_steps - 1, cot, jax.tree.map(jnp.zeros_like, diff_args)))
   return cot, cot_args
 
 
@@ -543,11 +638,17 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
   cotangent of the carry before step 0 and the accumulated cotangent of the
   differentiable args.
   """
+  layout = []
+
+  def step_row(carry, step_index):
+    """The replayed step, and its pullback's leaves that are not args."""
+    carry, pullback = traced_step(carry, step_index)
+    row, layout[:] = _split_pullback(pullback, diff_args)
+    return carry, row
+
   residual_shapes = jax.eval_shape(
-      lambda: jax.tree.leaves(traced_step(checkpoint(0),
-                                          jnp.zeros((), jnp.int32))[1]))
+      lambda: step_row(checkpoint(0), jnp.zeros((), jnp.int32))[1])
   buffer = [jnp.zeros((every,) + r.shape, r.dtype) for r in residual_shapes]
-  pullback_treedef = []
 
   def segment(carry):
     # The residual buffer travels in the carry: every slot a segment reads
@@ -558,12 +659,9 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
 
     def replay(j, state):
       buffer, carry = state
-      carry, pullback = traced_step(carry, start + j)
-      leaves, treedef = jax.tree.flatten(pullback)
-      if not pullback_treedef:
-        pullback_treedef.append(treedef)
+      carry, row = step_row(carry, start + j)
       buffer = [jax.lax.dynamic_update_index_in_dim(b, r, j, 0)
-                for b, r in zip(buffer, leaves)]
+                for b, r in zip(buffer, row)]
       return buffer, carry
 
     buffer, _ = jax.lax.fori_loop(0, length, replay,
@@ -573,9 +671,9 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
       (cot_z, cot_fz, cot_state), cot_args = state
       j = length - 1 - i
       cot_z = inject(cot_z, start + j + 1)
-      pullback = jax.tree.unflatten(pullback_treedef[0], [
+      pullback = _pullback_of(layout, [
           jax.lax.dynamic_index_in_dim(b, j, 0, keepdims=False)
-          for b in buffer])
+          for b in buffer], diff_args)
       cot_z, cot_fz, cot_state, cot_step_args = pullback(
           (cot_z, cot_fz, cot_state))
       return ((cot_z, cot_fz, cot_state),

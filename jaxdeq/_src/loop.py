@@ -97,7 +97,13 @@ def advance(f, solver: base.FixedPointSolver, args: Any, it: Iterate,
   """One solver step plus the driver's bookkeeping; pure, so replayable."""
   z_next, state = solver.step(f, it.z, it.fz, args, it.solver_state,
                               step_index)
-  fz_next = f(z_next, args)
+  return _after_step(solver, it, step_index, z_next, f(z_next, args), state)
+
+
+def _after_step(solver: base.FixedPointSolver, it: Iterate,
+                step_index: jax.Array, z_next: jax.Array, fz_next: jax.Array,
+                state: Any) -> Iterate:
+  """The driver's bookkeeping of a step: freezing, residuals, best iterate."""
   res_next = residual(z_next, fz_next, solver)
   active = ~it.done
   z = jnp.where(base.per_sample(active, z_next), z_next, it.z)
@@ -163,7 +169,8 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
           checkpoint_every: Optional[int] = None,
           budget: Optional[jax.Array] = None,
           record_steps: tuple[int, ...] = (),
-          ) -> tuple[solution_lib.Solution, Optional[Checkpoint], Iterate]:
+          linearize=None,
+          ) -> tuple[solution_lib.Solution, Any, Iterate]:
   """Runs `solver` on `f` from `z0` until every sample is done or max_steps.
 
   Args:
@@ -174,18 +181,21 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
     solver: a `FixedPointSolver`.
     checkpoint_every: if set, the carry (z, f(z), solver state) before every
       step whose index is a multiple of it is stored (for `UnrolledAdjoint`);
-      the buffer holds ceil(max_steps / checkpoint_every) of them. With 1,
-      the whole trajectory is stored.
+      the buffer holds ceil(max_steps / checkpoint_every) of them.
     budget: optional () int traced step budget; the loop stops after
       min(budget, solver.max_steps) steps. `solver.max_steps` stays the
       static cap that sizes the buffers, so a new budget needs no retrace.
     record_steps: step counts k at which to keep each sample's iterate
       (`Solution.states`): the iterate after min(k, steps the sample took)
       steps of its own trajectory.
+    linearize: optional (z, fz, solver_state, step) -> (z_next, fz_next,
+      solver_state, row): the step computed by the caller (the unrolled
+      adjoint's linearised step), whose `row`, a list of arrays, is written
+      into a tape of max_steps rows. Excludes `checkpoint_every`.
 
   Returns:
-    The `Solution`, the checkpoint buffer (None without checkpointing) and
-    the final `Iterate` (its `solver_state` is the solver's last state).
+    The `Solution`, the checkpoint buffer or the tape (None without either)
+    and the final `Iterate` (its `solver_state` is the solver's last state).
   """
   max_steps = solver.max_steps
   limit = (max_steps if budget is None else
@@ -199,6 +209,13 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
     checkpoints = jax.tree.map(
         lambda x: jnp.zeros((count,) + x.shape, x.dtype), checkpoint_of(it0))
 
+  if linearize is not None:
+    rows_shape = jax.eval_shape(
+        lambda: linearize(it0.z, it0.fz, it0.solver_state,
+                          jnp.zeros((), jnp.int32))[3])
+    checkpoints = [jnp.zeros((max_steps,) + r.shape, r.dtype)
+                   for r in rows_shape]
+
   recorded = None
   if record_steps:
     recorded = jnp.broadcast_to(z0, (len(record_steps),) + z0.shape)
@@ -209,15 +226,18 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
 
   def body(carry: _Carry) -> _Carry:
     step, it, trace, checkpoints, recorded = carry
-    if checkpoints is not None and checkpoint_every == 1:
-      checkpoints = jax.tree.map(
-          lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, step, 0),
-          checkpoints, checkpoint_of(it))
-    elif checkpoints is not None:
-      checkpoints = _store_if(checkpoints, checkpoint_of(it),
-                              step // checkpoint_every,
-                              step % checkpoint_every == 0)
-    it = advance(f, solver, args, it, step)
+    if linearize is not None:
+      z_next, fz_next, state, row = linearize(it.z, it.fz, it.solver_state,
+                                              step)
+      checkpoints = [jax.lax.dynamic_update_index_in_dim(t, r, step, 0)
+                     for t, r in zip(checkpoints, row)]
+      it = _after_step(solver, it, step, z_next, fz_next, state)
+    else:
+      if checkpoints is not None:
+        checkpoints = _store_if(checkpoints, checkpoint_of(it),
+                                step // checkpoint_every,
+                                step % checkpoint_every == 0)
+      it = advance(f, solver, args, it, step)
     if rows == max_steps:
       trace = jax.lax.dynamic_update_index_in_dim(trace, it.residual, step, 0)
     else:  # past the trace's rows nothing is written

@@ -78,8 +78,23 @@ def zero_tangent(x: Any) -> Any:
 def finite_or_zero(tree: Any) -> Any:
   """Non-finite floats set to zero (identity on finite values)."""
   return jax.tree.map(
-      lambda x: jnp.where(jnp.isfinite(x), x, 0) if is_differentiable(x)
-      else x, tree)
+      lambda x: _finite_or_zero(x) if is_differentiable(x) else x, tree)
+
+
+@jax.custom_jvp
+def _finite_or_zero(x: jax.Array) -> jax.Array:
+  return jax.lax.select(jnp.isfinite(x), x, jnp.zeros_like(x))
+
+
+@_finite_or_zero.defjvp
+def _finite_or_zero_jvp(primals, tangents):
+  # The tangent's zeros come from the tangent itself (t * 0), so that a
+  # linearisation keeps only the mask: `jnp.where`'s constant zeros were a
+  # second residual array (a tape row's worth per step in UnrolledAdjoint).
+  (x,), (t,) = primals, tangents
+  finite = jnp.isfinite(x)
+  return (jax.lax.select(finite, x, jnp.zeros_like(x)),
+          jax.lax.select(finite, t, t * jnp.zeros((), t.dtype)))
 
 
 HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
