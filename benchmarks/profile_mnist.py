@@ -15,12 +15,6 @@ updates), the solver loops' inclusive time, and the wall time no op covers
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
-import json
-import re
-import tempfile
 import time
 
 import jax
@@ -29,14 +23,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import _results
+from benchmarks import _profile, _results
 from experiments.common import data, training
 from experiments.mnist import models
-
-_MOVEMENT = ("copy", "dynamic-slice", "dynamic-update-slice", "slice",
-             "transpose", "broadcast", "concatenate", "bitcast", "pad",
-             "DevicePut")
-
 
 def _train_step(graphdef, state, x, y, learning_rate=0.1, skip_norm=100.0):
   """SGD step; like the experiments with `--skip-grad-norm 100`, an update
@@ -53,30 +42,6 @@ def _train_step(graphdef, state, x, y, learning_rate=0.1, skip_norm=100.0):
   nnx.update(model, jax.tree.map(
       lambda p, g: jnp.where(keep, p - learning_rate * g, p), params, grads))
   return nnx.state(model), loss
-
-
-def _matmul_ops(hlo_text: str) -> set[str]:
-  """Names of the ops that are dots or fusions whose computation has a dot."""
-  computations, current = {}, None
-  for line in hlo_text.splitlines():
-    header = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if header and "=" not in line.split("{")[0]:
-      current = header.group(1)
-      computations[current] = []
-    elif current is not None:
-      computations[current].append(line)
-  has_dot = {name for name, body in computations.items()
-             if any(re.search(r"\sdot\(", l) for l in body)}
-  ops = set()
-  for body in computations.values():
-    for line in body:
-      m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
-      if not m:
-        continue
-      called = re.search(r"calls=%?([\w.\-]+)", line)
-      if re.search(r"\sdot\(", line) or (called and called.group(1) in has_dot):
-        ops.add(m.group(1))
-  return ops
 
 
 def profile_layer(layer: str, dataset, warmup: int, steps: int) -> dict:
@@ -108,57 +73,16 @@ def profile_layer(layer: str, dataset, warmup: int, steps: int) -> dict:
                        .stats.get_value().num_steps)
 
   hlo = step.lower(graphdef, state, *timed[0]).compile().as_text()
-  matmuls = _matmul_ops(hlo)
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      started = time.perf_counter()
-      for x, y in timed:
-        state, loss = step(graphdef, state, x, y)
-      jax.block_until_ready(loss)
-      profiled_ms = (time.perf_counter() - started) / steps * 1e3
-    trace_file = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
-    events = json.load(gzip.open(trace_file[0]))["traceEvents"]
-  ops = sorted((e for e in events if e.get("ph") == "X"
-                and e.get("args", {}).get("hlo_module", "").startswith(
-                    "jit__train_step")), key=lambda e: (e["tid"], e["ts"]))
-  # An op that encloses another (while, conditional, call) is a container:
-  # its time is its children's plus loop control.
-  containers = set()
-  for a, b in zip(ops, ops[1:]):
-    if a["tid"] == b["tid"] and b["ts"] + b["dur"] <= a["ts"] + a["dur"]:
-      containers.add(id(a))
-  enclosing_end = {}
-  top_loops = collections.Counter()
-  for e in ops:
-    end = enclosing_end.get(e["tid"], -1.0)
-    if e["ts"] >= end and id(e) in containers:
-      top_loops[e["name"]] += e["dur"]
-      enclosing_end[e["tid"]] = e["ts"] + e["dur"]
-  leaf = collections.Counter()
-  calls = collections.Counter()
-  for e in ops:
-    if id(e) not in containers:
-      leaf[e["name"]] += e["dur"]
-      calls[e["name"]] += 1
-  category = collections.Counter()
-  for name, us in leaf.items():
-    if name in matmuls:
-      category["matmul"] += us
-    elif name.startswith(_MOVEMENT) or any(
-        f"_{m}" in name for m in _MOVEMENT[:5]):
-      category["data movement"] += us
-    else:
-      category["other fusions"] += us
-  per_step = lambda us: us / steps / 1e3
-  covered = sum(leaf.values())
-  return dict(
-      layer=layer, wall_ms=wall_ms, solver_steps=solver_steps,
-      categories={k: per_step(v) for k, v in category.items()},
-      profiled_ms=profiled_ms,
-      uncovered=profiled_ms - per_step(covered),
-      loops=[(n, per_step(us)) for n, us in top_loops.most_common()],
-      top=[(n, per_step(us), calls[n] / steps, us / calls[n],
-            n in matmuls) for n, us in leaf.most_common(12)])
+
+  def run():
+    nonlocal state
+    for x, y in timed:
+      state, loss = step(graphdef, state, x, y)
+    return loss
+
+  profile = _profile.op_profile(run, hlo, "jit__train_step", steps)
+  return dict(layer=layer, wall_ms=wall_ms, solver_steps=solver_steps,
+              **profile)
 
 
 def main(argv=None) -> None:
@@ -184,7 +108,7 @@ def main(argv=None) -> None:
          "not in ops ms"],
         [[layer, f"{r['wall_ms']:.2f}", f"{r['profiled_ms']:.2f}",
           f"{r['solver_steps']:.0f}",
-          f"{cats.get('matmul', 0):.2f}", f"{cats.get('other fusions', 0):.2f}",
+          f"{cats.get('matmul/conv', 0):.2f}", f"{cats.get('other fusions', 0):.2f}",
           f"{cats.get('data movement', 0):.2f}", f"{r['uncovered']:.2f}"]])
     loops = ", ".join(f"{n} {ms:.2f} ms" for n, ms in r["loops"])
     top = _results.markdown_table(

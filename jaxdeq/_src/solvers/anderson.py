@@ -12,14 +12,16 @@ from jaxdeq._src.solvers import base
 
 
 class AndersonState(NamedTuple):
-  """History of the last `m` iterates and their images.
+  """History of the last `m` residuals and images.
 
   Attributes:
-    z_history: (batch, m, d) flattened iterates, slot k % m holds step k.
-    f_history: (batch, m, d) their images f(z).
+    g_history: (batch, m, d) residuals f(z) - z of the flattened iterates;
+      slot k % m holds step k. Kept rather than the iterates: the Gram
+      matrix reads it directly (no (batch, m, d) subtraction per step).
+    f_history: (batch, m, d) the images f(z).
   """
 
-  z_history: jax.Array
+  g_history: jax.Array
   f_history: jax.Array
 
 
@@ -73,20 +75,21 @@ class Anderson(base.FixedPointSolver):
 
   def step(self, f, z, fz, args, state, step_index):
     slot = step_index % self.m
-    z_history = jax.lax.dynamic_update_index_in_dim(
-        state.z_history, z, slot, axis=1)
+    g_history = jax.lax.dynamic_update_index_in_dim(
+        state.g_history, fz - z, slot, axis=1)
     f_history = jax.lax.dynamic_update_index_in_dim(
         state.f_history, fz, slot, axis=1)
     valid = jnp.arange(self.m, dtype=step_index.dtype) <= step_index  # slots filled so far
-    alpha = _mixing_weights(f_history - z_history, valid, self.lam, slot,
+    alpha = _mixing_weights(g_history, valid, self.lam, slot,
                             self.lam_relative)
     mixed_f = jnp.einsum("bm,bmd->bd", alpha, f_history)
     if self.beta == 1.0:
       z_next = mixed_f
     else:
-      mixed_z = jnp.einsum("bm,bmd->bd", alpha, z_history)
-      z_next = self.beta * mixed_f + (1 - self.beta) * mixed_z
-    return z_next, AndersonState(z_history, f_history)
+      # sum alpha z = sum alpha f - sum alpha g
+      mixed_g = jnp.einsum("bm,bmd->bd", alpha, g_history)
+      z_next = mixed_f - (1 - self.beta) * mixed_g
+    return z_next, AndersonState(g_history, f_history)
 
 
 def _mixing_weights(residuals: jax.Array, valid: jax.Array, lam: float,
