@@ -8,6 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxdeq
+from jaxdeq._src import loop
 
 
 def tanh_problem(dim=5, batch=3, dtype=jnp.float64, seed=0):
@@ -53,15 +54,27 @@ SOLVERS = {
 # The unrolled adjoint's two modes: the tape of VJP residuals (what the
 # default budget gives these small problems) and sqrt(max_steps)
 # checkpointing.
+class TapeThenReplay(jaxdeq.UnrolledAdjoint):
+  """The budget's mixed plan: one segment's steps on the tape, the rest
+  checkpointed and replayed (whatever the problem's size)."""
+
+  def _plan(self, fn, z0, args, solver):
+    every = loop.checkpoint_interval(solver.max_steps)
+    return (every, every) if every < solver.max_steps else (
+        solver.max_steps, None)
+
+
 UNROLLED = {"tape": jaxdeq.UnrolledAdjoint(),
-            "checkpointed": jaxdeq.UnrolledAdjoint(memory_budget=0)}
+            "checkpointed": jaxdeq.UnrolledAdjoint(memory_budget=0),
+            "tape_then_replay": TapeThenReplay()}
 
 
 # The checkpointed replay runs the same steps as the tape: a stateless, a
 # history-keeping, a secant and a Newton solver are enough for it.
 CASES = [(name, adjoint) for name in SOLVERS
-         for adjoint in ("implicit", "tape", "checkpointed")
-         if adjoint != "checkpointed"
+         for adjoint in ("implicit", "tape", "checkpointed",
+                         "tape_then_replay")
+         if adjoint in ("implicit", "tape")
          or name in ("iteration", "anderson", "broyden", "newton")]
 
 
@@ -146,7 +159,8 @@ def test_unrolled_is_exact_backprop_of_the_steps_taken(x64):
 @pytest.mark.parametrize("max_steps, mode", [
     (1, "checkpointed"), (2, "checkpointed"), (7, "checkpointed"),
     (16, "checkpointed"), (17, "checkpointed"), (50, "checkpointed"),
-    (1, "tape"), (17, "tape")])
+    (1, "tape"), (17, "tape"), (2, "tape_then_replay"),
+    (17, "tape_then_replay"), (50, "tape_then_replay")])
 def test_unrolled_checkpoint_segments(max_steps, mode, x64):
   # Every segment length and boundary case: gradients equal the reference.
   w, x = tanh_problem(dim=3, batch=2, seed=2)
@@ -233,15 +247,18 @@ def test_unrolled_gradient_flows_to_z0_when_z0_is_best(x64):
 
 def test_unrolled_mode_follows_the_memory_budget():
   # A step's residuals: f(z)'s finite mask (400 bytes), tanh's output and
-  # 1 - it (2 x 1,600) and two scalars: 3,608 bytes. 0 means the tape, else
-  # the checkpoint interval.
+  # 1 - it (2 x 1,600) and two scalars: 3,608 bytes.
   z0 = jnp.zeros((4, 100), jnp.float32)
   f = lambda z, x: 0.5 * jnp.tanh(z) + x
-  every = lambda adjoint, steps: adjoint._checkpoint_every(
+  plan = lambda adjoint, steps: adjoint._plan(
       f, z0, z0, jaxdeq.FixedPointIteration(1e-4, steps))
-  assert every(jaxdeq.UnrolledAdjoint(memory_budget=3608 * 100), 100) == 0
-  assert every(jaxdeq.UnrolledAdjoint(memory_budget=3608 * 100), 101) == 11
-  assert every(jaxdeq.UnrolledAdjoint(memory_budget=0), 100) == 10
+  # (tape rows, checkpoint interval): all on the tape, then the tape's 100
+  # rows cut to whole 11-step segments with the rest replayed, then none.
+  assert plan(jaxdeq.UnrolledAdjoint(memory_budget=3608 * 100), 100) == (
+      100, None)
+  assert plan(jaxdeq.UnrolledAdjoint(memory_budget=3608 * 100), 101) == (
+      99, 11)
+  assert plan(jaxdeq.UnrolledAdjoint(memory_budget=0), 100) == (0, 10)
   for bad in (-1, 1.5, None):
     with pytest.raises(ValueError, match="memory_budget"):
       jaxdeq.UnrolledAdjoint(memory_budget=bad)

@@ -345,27 +345,25 @@ def _stats_vector(stats, dtype):
 class UnrolledAdjoint(AbstractAdjoint):
   """Exact backpropagation through the steps the solver actually took.
 
-  Two modes, both with compute proportional to the steps taken, never to
-  `max_steps`:
+  Compute is proportional to the steps taken, never to `max_steps`. Memory
+  follows `memory_budget`:
 
-  - *stored trajectory* (a tape), when `max_steps` steps' VJP residuals fit
-    in `memory_budget` bytes: the forward loop linearises each step as it
-    takes it and stores its residuals (the differentiable args themselves,
-    the same at every step, are not stored); the backward applies them to
-    the steps taken, last first, recomputing nothing. Memory linear in
-    `max_steps`.
-  - *checkpointed* beyond the budget (or with `memory_budget=0`): the
-    forward loop stores the carry (z, f(z), solver state) every
-    ~sqrt(max_steps) steps; the backward replays each segment from its
-    checkpoint into a buffer of VJP residuals and backpropagates through it
-    in reverse. Memory grows with sqrt(max_steps); each step runs once more
-    (the replay) than with the tape.
+  - a *tape*: the forward loop linearises each step as it takes it and
+    stores its VJP residuals (the differentiable args themselves, the same at
+    every step, are not stored); the backward applies them to the steps
+    taken, last first, recomputing nothing. As many steps as the budget
+    holds (all `max_steps` when it holds them) go on the tape.
+  - *checkpoints* for the steps past the tape (all steps with
+    `memory_budget=0`): the forward loop stores the carry (z, f(z), solver
+    state) every ~sqrt(max_steps) steps; the backward replays each segment
+    from its checkpoint into a buffer of VJP residuals and backpropagates
+    through it in reverse: memory ~sqrt(max_steps), and each step runs once
+    more (the replay) than on the tape.
 
-  Only the iterate's update is
-  differentiated (not the driver's residuals or best-iterate bookkeeping):
-  each sample gets the exact gradient of its own trajectory up to the iterate
-  returned for it, and a sample that went non-finite adds nothing (no NaN in
-  shared parameter gradients). Gradients flow to `args` and to `z0`.
+  Only the iterate's update is differentiated (not the driver's residuals
+  or best-iterate bookkeeping): each sample gets the exact gradient of its
+  own trajectory up to the iterate returned for it, and a sample that went
+  non-finite adds nothing (no NaN in shared parameter gradients). Gradients flow to `args` and to `z0`.
   Reverse mode only: `jax.jvp` raises JAX's "can't apply forward-mode
   autodiff (jvp) to a custom_vjp function" (use `ImplicitAdjoint`).
 
@@ -379,38 +377,44 @@ class UnrolledAdjoint(AbstractAdjoint):
     2.0
 
   Attributes:
-    memory_budget: bytes the tape may take (max_steps steps' residuals for
-      the whole batch); beyond it, or with 0, the checkpointed mode. The
-      default, 32 MiB, holds the tutorial's fixed_point layer (batch 100,
-      width 100: 120 KB a step) for its 200 steps. Larger budgets pay on
-      accelerators; on CPU, buffers above ~32 MiB are fresh allocations at
-      every call whose page faults cost more than the replay they save
-      (measured with `python -m benchmarks.unrolled`).
+    memory_budget: bytes the tape may take (its rows are the whole batch's
+      residuals of one step); 0: checkpoints only. The default, 8 MiB, holds
+      60 steps of the tutorial's fixed_point layer (batch 100, width 100:
+      130 KB a step), about what it takes; a tape sized for steps that are
+      never taken costs its initialisation at every call (on CPU, writing
+      26 MB of zeros for 200 steps took a third of a training step).
+      Measured with `python -m benchmarks.unrolled`.
   """
 
-  memory_budget: int = 32 * 2**20
+  memory_budget: int = 8 * 2**20
 
   def __post_init__(self):
     if not (isinstance(self.memory_budget, int) and self.memory_budget >= 0):
       raise ValueError(f"UnrolledAdjoint(memory_budget) must be an int >= 0"
                        f" (bytes), got {self.memory_budget!r}")
 
-  def _checkpoint_every(self, fn, z0, args, solver) -> int:
-    """0 (the tape) when max_steps rows fit the budget, else ~sqrt(max)."""
-    if self.memory_budget:
-      diff_args, rebuild = tree.split_differentiable(args)
-      tape_row = jax.eval_shape(
-          lambda z0, a: _tape_row_shapes(fn, solver, z0, a, rebuild),
-          z0, diff_args)
-      per_step = sum(x.size * x.dtype.itemsize
-                     for x in jax.tree.leaves(tape_row))
-      if per_step * solver.max_steps <= self.memory_budget:
-        return 0
-    return loop.checkpoint_interval(solver.max_steps)
+  def _plan(self, fn, z0, args, solver) -> tuple[int, Optional[int]]:
+    """(tape rows, checkpoint interval or None): the tape takes as many
+    steps as the budget holds, a multiple of the interval; the steps past it
+    are checkpointed and replayed."""
+    max_steps = solver.max_steps
+    every = loop.checkpoint_interval(max_steps)
+    if not self.memory_budget:
+      return 0, every
+    diff_args, rebuild = tree.split_differentiable(args)
+    tape_row = jax.eval_shape(
+        lambda z0, a: _tape_row_shapes(fn, solver, z0, a, rebuild),
+        z0, diff_args)
+    per_step = max(1, sum(x.size * x.dtype.itemsize
+                          for x in jax.tree.leaves(tape_row)))
+    rows = self.memory_budget // per_step
+    if rows >= max_steps:
+      return max_steps, None
+    return rows // every * every, every
 
   def solve(self, fn, z0, args, solver, *, budget=None, record_steps=()):
-    every = self._checkpoint_every(fn, z0, args, solver)
-    return _unrolled(fn, solver, record_steps, every, z0, args, budget)
+    plan = self._plan(fn, z0, args, solver)
+    return _unrolled(fn, solver, record_steps, plan, z0, args, budget)
 
   def at_state(self, fn, z, args, solver):
     raise ValueError(
@@ -421,7 +425,7 @@ class UnrolledAdjoint(AbstractAdjoint):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _unrolled(fn, solver, record_steps, every, z0, args, budget):
+def _unrolled(fn, solver, record_steps, plan, z0, args, budget):
   return _solve(fn, z0, args, solver, budget, record_steps)
 
 
@@ -485,21 +489,21 @@ def _tape_row_shapes(fn, solver, z0, diff_args, rebuild):
   return linearize(it.z, it.fz, it.solver_state, jnp.zeros((), jnp.int32))[3]
 
 
-def _unrolled_fwd(fn, solver, record_steps, every, z0, args, budget):
+def _unrolled_fwd(fn, solver, record_steps, plan, z0, args, budget):
+  tape_rows, every = plan
   linearize = None
-  if every == 0:
+  if tape_rows:
     diff_args, rebuild = tree.split_differentiable(args)
     state0 = jax.eval_shape(
         lambda z0, a: loop.init_iterate(fn, solver, z0, rebuild(a)
                                         ).solver_state, z0, diff_args)
     linearize, _ = _linearized_step(fn, solver, rebuild,
                                     tree.LeafSplit.of(state0), diff_args)
-  sol, checkpoints, _ = loop.solve(fn, z0, args, solver,
-                                   checkpoint_every=every or None,
-                                   budget=budget, record_steps=record_steps,
-                                   linearize=linearize)
+  sol, buffers, _ = loop.solve(fn, z0, args, solver, checkpoint_every=every,
+                               budget=budget, record_steps=record_steps,
+                               linearize=linearize, tape_rows=tape_rows)
   stats = sol.stats
-  return sol, (checkpoints, stats.num_steps, stats.sample_steps,
+  return sol, (buffers, stats.num_steps, stats.sample_steps,
                stats.best_step, z0, args)
 
 
@@ -534,7 +538,7 @@ def _replayed_step(fn, solver, rebuild, states, sample_steps, diff_args):
   return traced_step
 
 
-def _unrolled_bwd(fn, solver, record_steps, every, residuals, cotangent):
+def _unrolled_bwd(fn, solver, record_steps, plan, residuals, cotangent):
   """Reverse sweep through the solver's steps, segment by segment.
 
   Only the iterate's own update is differentiated: z <- step(z, f(z)) with
@@ -544,7 +548,9 @@ def _unrolled_bwd(fn, solver, record_steps, every, residuals, cotangent):
   sample_steps[b] steps, so its cotangent enters after step best_step[b] and
   flows back through the steps before it.
   """
-  checkpoints, num_steps, sample_steps, best_step, z0, args = residuals
+  (checkpoints, tape), num_steps, sample_steps, best_step, z0, args = (
+      residuals)
+  tape_rows, every = plan
   diff_args, rebuild = tree.split_differentiable(args)
   state0 = jax.eval_shape(
       lambda z0, a: loop.init_iterate(fn, solver, z0, rebuild(a)
@@ -562,13 +568,15 @@ def _unrolled_bwd(fn, solver, record_steps, every, residuals, cotangent):
     hit = base.per_sample(best_step == after_step, cot_z)
     return cot_z + jnp.where(hit, cotangent.value, 0)
 
-  if every == 0:
-    cot, cot_args = _reverse_tape(fn, solver, rebuild, states, checkpoints,
-                                  inject, num_steps, sample_steps, z0,
-                                  diff_args)
-  else:
-    cot, cot_args = _reverse_segments(traced_step, checkpoint, inject, every,
-                                      num_steps, z0, diff_args)
+  cot = _zero_cotangents(fn, solver, rebuild, states, z0, diff_args)
+  if every is not None:  # the steps past the tape, replayed
+    cot = _reverse_segments(traced_step, checkpoint, inject, every,
+                            num_steps, tape_rows // every, cot, diff_args)
+  if tape_rows:
+    cot = _reverse_tape(fn, solver, rebuild, states, tape, inject,
+                        jnp.minimum(num_steps, tape_rows), sample_steps, cot,
+                        diff_args)
+  cot, cot_args = cot
   cot_z, cot_fz, cot_state = cot
   cot_z = inject(cot_z, 0)
 
@@ -583,26 +591,31 @@ def _unrolled_bwd(fn, solver, record_steps, every, residuals, cotangent):
   return cot_z0, tree.fill_nondifferentiable(args, cot_args), None
 
 
-def _zero_cotangents(checkpoint, z0, diff_args):
-  first = checkpoint(0)
-  cot = (jnp.zeros_like(z0), jnp.zeros_like(first[1]),
-         [jnp.zeros_like(x) for x in first[2]])
+def _zero_cotangents(fn, solver, rebuild, states, z0, diff_args):
+  """Zero cotangents of the carry (z, f(z), differentiable solver state)
+  and of the differentiable args."""
+  it = jax.eval_shape(
+      lambda z0, a: loop.init_iterate(fn, solver, z0, rebuild(a)), z0,
+      diff_args)
+  zeros = lambda x: jnp.zeros(x.shape, x.dtype)
+  cot = (jnp.zeros_like(z0), zeros(it.fz),
+         [zeros(x) for x in states.split(it.solver_state)[0]])
   return cot, jax.tree.map(jnp.zeros_like, diff_args)
 
 
 def _reverse_tape(fn, solver, rebuild, states, tape, inject, num_steps,
-                  sample_steps, z0, diff_args):
-  """The reverse sweep over the tape: each step taken, last first, applies
-  the pullback the forward loop stored; nothing is recomputed."""
+                  sample_steps, cotangents, diff_args):
+  """The reverse sweep over the tape's `num_steps` steps, last first: each
+  applies the pullback the forward loop stored; nothing is recomputed."""
   linearize, layout = _linearized_step(fn, solver, rebuild, states,
                                        diff_args)
 
-  def first_step(z0, a):
-    it = loop.init_iterate(fn, solver, z0, rebuild(a))
+  def first_step(a):
+    it = loop.init_iterate(fn, solver, jnp.zeros_like(cotangents[0][0]),
+                           rebuild(a))
     return linearize(it.z, it.fz, it.solver_state, jnp.zeros((), jnp.int32))
 
-  # Traced for the pullback's tree only (the tape holds its leaves).
-  _, fz_shape, state_shape, _ = jax.eval_shape(first_step, z0, diff_args)
+  jax.eval_shape(first_step, diff_args)  # traced for `layout` only
 
   def body(carry):
     step, (cot_z, cot_fz, cot_state), cot_args = carry
@@ -620,23 +633,21 @@ def _reverse_tape(fn, solver, rebuild, states, tape, inject, num_steps,
     return (step - 1, (cot_z, cot_fz, cot_state),
             jax.tree.map(jnp.add, cot_args, cot_step_args))
 
-  state_diff = states.split(state_shape)[0]
-  cot = (jnp.zeros_like(z0), jnp.zeros(fz_shape.shape, fz_shape.dtype),
-         [jnp.zeros(x.shape, x.dtype) for x in state_diff])
+  cot, cot_args = cotangents
   _, cot, cot_args = jax.lax.while_loop(
-      lambda c: c[0] >= 0, body,
-      (num_steps - 1, cot, jax.tree.map(jnp.zeros_like, diff_args)))
+      lambda c: c[0] >= 0, body, (num_steps - 1, cot, cot_args))
   return cot, cot_args
 
 
-def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
-                      diff_args):
-  """The reverse sweep over all segments, last first.
+def _reverse_segments(traced_step, checkpoint, inject, every, num_steps,
+                      first_segment, cotangents, diff_args):
+  """The reverse sweep over the segments from the last to `first_segment`.
 
   Each segment replays its steps from its checkpoint into a buffer of VJP
-  residuals, then applies the stored pullbacks in reverse. Returns the
-  cotangent of the carry before step 0 and the accumulated cotangent of the
-  differentiable args.
+  residuals, then applies the stored pullbacks in reverse. Takes and
+  returns (cotangent of the carry, accumulated cotangent of the
+  differentiable args): after the sweep, the carry's is the cotangent
+  before step first_segment * every.
   """
   layout = []
 
@@ -682,10 +693,10 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps, z0,
     cot, cot_args = jax.lax.fori_loop(0, length, reverse, (cot, cot_args))
     return seg - 1, buffer, cot, cot_args
 
-  cot, cot_args = _zero_cotangents(checkpoint, z0, diff_args)
+  cot, cot_args = cotangents
   num_segments = -(-num_steps // every)
   _, _, cot, cot_args = jax.lax.while_loop(
-      lambda c: c[0] >= 0, segment,
+      lambda c: c[0] >= first_segment, segment,
       (num_segments - 1, buffer, cot, cot_args))
   return cot, cot_args
 

@@ -140,21 +140,17 @@ def checkpoint_of(it: Iterate) -> Checkpoint:
   return Checkpoint(it.z, it.fz, it.solver_state)
 
 
-def _store_if(buffer: Any, tree: Any, index: jax.Array,
-              store: jax.Array) -> Any:
-  """Writes `tree` at `index` when `store`, in place.
+def _store_at(buffer: Any, tree: Any, index: jax.Array) -> Any:
+  """Writes `tree` at row `index` of `buffer`, in place.
 
-  A `lax.cond` around the write would copy the whole buffer at every step
-  (XLA does not alias a cond's operands): a cost that grew with max_steps.
-  Selecting between the new row and the row already there touches one row.
+  Buffers that keep only some steps have one scratch row at the end, where
+  the other steps write: a plain in-place update. (A `lax.cond` around the
+  write copied the whole buffer at every step, a cost that grew with
+  max_steps; a select between the new row and the kept one read a row more.)
   """
-
-  def write(b, x):
-    kept = jax.lax.dynamic_index_in_dim(b, index, 0, keepdims=False)
-    return jax.lax.dynamic_update_index_in_dim(b, jnp.where(store, x, kept),
-                                               index, 0)
-
-  return jax.tree.map(write, buffer, tree)
+  return jax.tree.map(
+      lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, index, 0),
+      buffer, tree)
 
 
 class _Carry(NamedTuple):
@@ -162,6 +158,7 @@ class _Carry(NamedTuple):
   iterate: Iterate
   trace: jax.Array
   checkpoints: Optional[Checkpoint]
+  tape: Optional[list]
   recorded: Optional[jax.Array]
 
 
@@ -170,6 +167,7 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
           budget: Optional[jax.Array] = None,
           record_steps: tuple[int, ...] = (),
           linearize=None,
+          tape_rows: int = 0,
           ) -> tuple[solution_lib.Solution, Any, Iterate]:
   """Runs `solver` on `f` from `z0` until every sample is done or max_steps.
 
@@ -191,10 +189,11 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
     linearize: optional (z, fz, solver_state, step) -> (z_next, fz_next,
       solver_state, row): the step computed by the caller (the unrolled
       adjoint's linearised step), whose `row`, a list of arrays, is written
-      into a tape of max_steps rows. Excludes `checkpoint_every`.
+      into a tape for the first `tape_rows` steps.
+    tape_rows: rows of the tape (with `linearize`).
 
   Returns:
-    The `Solution`, the checkpoint buffer or the tape (None without either)
+    The `Solution`, (checkpoint buffer, tape) (each None when not asked for)
     and the final `Iterate` (its `solver_state` is the solver's last state).
   """
   max_steps = solver.max_steps
@@ -206,15 +205,18 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
   checkpoints = None
   if checkpoint_every is not None:
     count = -(-max_steps // checkpoint_every)
-    checkpoints = jax.tree.map(
-        lambda x: jnp.zeros((count,) + x.shape, x.dtype), checkpoint_of(it0))
+    checkpoints = jax.tree.map(  # + a scratch row
+        lambda x: jnp.zeros((count + 1,) + x.shape, x.dtype),
+        checkpoint_of(it0))
 
+  tape = None
   if linearize is not None:
     rows_shape = jax.eval_shape(
         lambda: linearize(it0.z, it0.fz, it0.solver_state,
                           jnp.zeros((), jnp.int32))[3])
-    checkpoints = [jnp.zeros((max_steps,) + r.shape, r.dtype)
-                   for r in rows_shape]
+    scratch = 0 if tape_rows >= max_steps else 1
+    tape = [jnp.zeros((tape_rows + scratch,) + r.shape, r.dtype)
+            for r in rows_shape]
 
   recorded = None
   if record_steps:
@@ -225,18 +227,20 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
     return (carry.step < limit) & ~jnp.all(carry.iterate.done)
 
   def body(carry: _Carry) -> _Carry:
-    step, it, trace, checkpoints, recorded = carry
+    step, it, trace, checkpoints, tape, recorded = carry
+    if checkpoints is not None:
+      checkpoints = _store_at(
+          checkpoints, checkpoint_of(it),
+          jnp.where(step % checkpoint_every == 0, step // checkpoint_every,
+                    count))
     if linearize is not None:
       z_next, fz_next, state, row = linearize(it.z, it.fz, it.solver_state,
                                               step)
-      checkpoints = [jax.lax.dynamic_update_index_in_dim(t, r, step, 0)
-                     for t, r in zip(checkpoints, row)]
+      # Steps past the tape (replayed from the checkpoints) write its
+      # scratch row.
+      tape = _store_at(tape, row, jnp.minimum(step, tape_rows))
       it = _after_step(solver, it, step, z_next, fz_next, state)
     else:
-      if checkpoints is not None:
-        checkpoints = _store_if(checkpoints, checkpoint_of(it),
-                                step // checkpoint_every,
-                                step % checkpoint_every == 0)
       it = advance(f, solver, args, it, step)
     if rows == max_steps:
       trace = jax.lax.dynamic_update_index_in_dim(trace, it.residual, step, 0)
@@ -251,11 +255,12 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
       # min(k, sample_steps) steps.
       pending = (step + 1 <= record_at)[:, None, None]
       recorded = jnp.where(pending, it.z[None], recorded)
-    return _Carry(step + 1, it, trace, checkpoints, recorded)
+    return _Carry(step + 1, it, trace, checkpoints, tape, recorded)
 
   final = jax.lax.while_loop(
       cond, body,
-      _Carry(jnp.zeros((), jnp.int32), it0, trace, checkpoints, recorded))
+      _Carry(jnp.zeros((), jnp.int32), it0, trace, checkpoints, tape,
+             recorded))
   it = final.iterate
   converged = it.best_residual <= solver.tol
   stats = solution_lib.SolverStats(
@@ -270,7 +275,7 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
   sol = solution_lib.Solution(it.best_z, stats)
   if recorded is not None:
     sol = sol._replace(states=tuple(final.recorded))
-  return sol, final.checkpoints, it
+  return sol, (final.checkpoints, final.tape), it
 
 
 def empty_solution(z0: jax.Array,
