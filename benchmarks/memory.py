@@ -6,9 +6,9 @@ One SGD step of the tutorial's MNIST model (784 -> 100 -> tanh DEQ -> 10,
 batch 100) with plain iteration forced to take exactly N steps (tol far below
 reach). Memory is XLA's own analysis of the compiled step (temporaries +
 arguments + outputs, CPU) or the device's peak after the step (GPU). The
-unrolled adjoint in both modes: its tape of VJP residuals (memory linear in
-max_steps, what its default budget gives this model) and sqrt(max_steps)
-checkpointing (`memory_budget=0`). "naive unrolled" is plain autodiff through
+unrolled adjoint with its default budget (a tape of VJP residuals for the
+first steps, linear in steps up to the budget, checkpoints beyond) and with
+checkpoints only (`memory_budget=0`, sqrt(max_steps)). "naive unrolled" is plain autodiff through
 a `lax.scan` of N steps, the baseline that stores every step's residuals.
 With --record the table is appended to RESULTS.md and the plot written to
 benchmarks/memory.png (or --plot).
@@ -31,7 +31,7 @@ from jaxdeq.nnx import DEQ, TanhCell
 ADJOINTS = {
     "implicit": jaxdeq.ImplicitAdjoint,
     "phantom": jaxdeq.PhantomAdjoint,
-    "unrolled, tape": jaxdeq.UnrolledAdjoint,
+    "unrolled (default 8 MiB tape)": jaxdeq.UnrolledAdjoint,
     "unrolled, checkpointed": lambda: jaxdeq.UnrolledAdjoint(memory_budget=0),
 }
 
