@@ -1,6 +1,6 @@
 """Where a jaxdeq MNIST training step spends its time (XLA:CPU profile).
 
-python -m benchmarks.profile_mnist [--layers fixed_point newton_implicit_gmres] [--record]
+python -m benchmarks.profile_mnist [--layers fixed_point newton_implicit] [--record]
     [--warmup 100] [--steps 20] [--data-dir DIR]
 
 For each layer: trains `--warmup` batches of Fashion-MNIST (so that the solver
@@ -88,7 +88,7 @@ def profile_layer(layer: str, dataset, warmup: int, steps: int) -> dict:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--layers", nargs="+",
-                      default=["fixed_point", "newton_implicit_gmres"])
+                      default=["fixed_point", "newton_implicit"])
   parser.add_argument("--warmup", type=int, default=100)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--data-dir", default=None)

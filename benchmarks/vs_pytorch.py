@@ -1,7 +1,7 @@
 """jaxdeq vs the tutorial's PyTorch on the MNIST layers, same data and machine.
 
 python -m benchmarks.vs_pytorch [--epochs 2] [--layers fixed_point newton
-    newton_implicit newton_gmres newton_implicit_gmres] [--data-dir DIR]
+    newton_implicit newton_dense newton_implicit_dense] [--data-dir DIR]
     [--limit-train N] [--seed S] [--record]
 
 Needs `pip install torch==2.13.0` next to jaxdeq (benchmark-only). For each
@@ -9,9 +9,9 @@ layer, the PyTorch reference and jaxdeq train the same model from the same
 initial weights on the same batches (jaxdeq's init and shuffle copied into
 torch) on Fashion-MNIST, one after the other (the order alternates between
 layers); the table reports the last epoch (after warm-up and compilation).
-The `*_gmres` layers are jaxdeq's Newton layers with a matrix-free GMRES inner
-solve; their PyTorch column is the tutorial's (dense) layer of the same name
-without the suffix.
+jaxdeq's `newton` and `newton_implicit` layers solve each Newton system by
+matrix-free GMRES, its `*_dense` layers by LU as the tutorial does; both are
+compared with the tutorial's (dense) layer, run again for each row.
 """
 
 from __future__ import annotations
@@ -82,13 +82,13 @@ def dense_newton_gflop(layer: str, row: dict, n_train: int,
   """Lower bound on the FLOPs of a dense Newton epoch: its LU factorisations.
 
   Each Newton step factors `batch` Jacobians of width x width (2/3 width^3
-  FLOPs each). `newton` (unrolled) factors once in the forward and once in
+  FLOPs each). `newton_dense` (unrolled) factors once in the forward and once in
   the backward's replay (whose stored residuals the reverse sweep reuses);
-  `newton_implicit` once per forward step and once per backward Newton step.
+  `newton_implicit_dense` once per forward step and once per backward Newton step.
   Everything else (Jacobian build, triangular solves, matmuls) is ignored.
   """
   lu = batch * 2 * width**3 / 3
-  if layer == "newton":
+  if layer == "newton_dense":
     factorisations = 2 * row["forward_steps"]
   else:
     factorisations = row["forward_steps"] + row["backward_steps"]
@@ -107,12 +107,19 @@ def last_epoch(history: list[dict]) -> dict:
   return row
 
 
+def inner_solve(layer: str) -> str:
+  """How a layer's Newton systems are solved: "GMRES", "LU" or "-"."""
+  solver = mnist_models.LAYERS[layer][0]
+  kind = getattr(solver, "linear_solver", None)
+  return {"gmres": "GMRES", "dense": "LU"}.get(kind, "-")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=2)
   parser.add_argument("--layers", nargs="+",
                       default=["fixed_point", "newton", "newton_implicit",
-                               "newton_gmres", "newton_implicit_gmres"])
+                               "newton_dense", "newton_implicit_dense"])
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--limit-train", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
@@ -139,7 +146,7 @@ def main(argv=None) -> None:
     order = ("torch", "jaxdeq") if i % 2 == 0 else ("jaxdeq", "torch")
     for who in order:
       if who == "torch":
-        runs[who] = torch_reference.train(layer.removesuffix("_gmres"),
+        runs[who] = torch_reference.train(mnist_models.TUTORIAL_LAYER[layer],
                                           dataset, args.epochs,
                                           weights=weights, orders=orders)
       else:
@@ -156,18 +163,19 @@ def main(argv=None) -> None:
     if layer == "fixed_point":
       gflop = fixed_point_gflop(j, len(dataset.train_images))
       gflops = f"{gflop / j['train_seconds']:.1f} / {peak:.0f}"
-    elif layer in ("newton", "newton_implicit"):
+    elif inner_solve(layer) == "LU":
       gflop = dense_newton_gflop(layer, j, len(dataset.train_images))
       gflops = f">= {gflop / j['train_seconds']:.1f} / {peak:.0f} (LU only)"
     rows.append([
-        layer, f"{t['train_seconds']:.2f}", f"{j['train_seconds']:.2f}",
+        layer, inner_solve(layer), f"{t['train_seconds']:.2f}",
+        f"{j['train_seconds']:.2f}",
         f"{t['train_seconds'] / j['train_seconds']:.2f}x",
         f"{t['forward_steps']:.1f}", f"{j['forward_steps']:.1f}",
         f"{t['test_error']:.4f}", f"{j['test_error']:.4f}",
         f"{t['skipped_steps']} / {j['skipped_steps']}", gflops])
   body = _results.markdown_table(
       [f"layer (Fashion-MNIST, epoch {args.epochs})",
-       "PyTorch s/epoch (best of epochs 2+)", "jaxdeq s/epoch (same)",
+       "jaxdeq inner solve (PyTorch: LU)", "PyTorch s/epoch (best of epochs 2+)", "jaxdeq s/epoch (same)",
        "speed-up", "PyTorch steps/batch",
        "jaxdeq steps/batch", "PyTorch test err", "jaxdeq test err",
        "skipped updates PyTorch / jaxdeq", "jaxdeq GFLOP/s / peak matmul"],
@@ -179,8 +187,8 @@ def main(argv=None) -> None:
            " the GMRES layers' inner iterations are not counted, so no"
            " figure); peak = jitted 2000x2000 f32 matmul on this machine."
            " Both sides start from the same weights and see the same"
-           " batches; the `_gmres` rows' PyTorch column is the dense layer"
-           " of the same name, run again. Skipped updates: PyTorch's are"
+           " batches; every Newton row's PyTorch column is the tutorial's"
+           " dense layer, run again for that row. Skipped updates: PyTorch's are"
            " the tutorial's NaN guard (its sech^2 = 1/cosh^2 overflows to NaN"
            " gradients on wandering Newton iterates); jaxdeq's Jacobian"
            " (1 - tanh^2) stays finite there, so its unrolled Newton layers"

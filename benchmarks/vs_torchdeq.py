@@ -1,6 +1,7 @@
 """jaxdeq vs torchdeq on the tutorial's ResNet DEQ cell and the tanh cell.
 
-python -m benchmarks.vs_torchdeq [--batches 1 10 100] [--repeats 3] [--tol 1e-2] [--max-steps 25] [--record]
+python -m benchmarks.vs_torchdeq [--batches 1 10 100] [--repeats 3] [--tol 1e-2] [--max-steps 25]
+    [--torch-device cpu|cuda] [--record]
 
 Needs `pip install torch==2.13.0 && pip install torchdeq==0.1.0 --no-deps`.
 Same weights (copied from the jaxdeq cell into an equivalent PyTorch module),
@@ -8,6 +9,9 @@ same input, same solver settings: Anderson (m=5, lam=1e-4) forward and an
 implicit backward solved by Anderson, both to relative tolerance `--tol`
 within `--max-steps`. Times are medians after a warm-up (jaxdeq jitted);
 residuals are the worst per-sample relative residual of the returned z*.
+jaxdeq runs on JAX's default device; on a GPU machine (jaxlib with CUDA and a
+CUDA build of torch) pass `--torch-device cuda` so that torchdeq runs there
+too (timings then wait for the device: `torch.cuda.synchronize`).
 """
 
 from __future__ import annotations
@@ -68,12 +72,14 @@ class TorchTanhCell(nn.Module):
     return torch.tanh(z @ self.kernel + x)
 
 
-def median_seconds(fn, repeats):
+def median_seconds(fn, repeats, sync=lambda: None):
   fn()
+  sync()
   times = []
   for _ in range(repeats):
     started = time.perf_counter()
     fn()
+    sync()
     times.append(time.perf_counter() - started)
   return statistics.median(times)
 
@@ -118,14 +124,17 @@ def bench_jaxdeq(cell, x, tol, max_steps, repeats):
               residual=worst_residual(np.asarray(fz), np.asarray(z)))
 
 
-def bench_torchdeq(cell, x, tol, max_steps, repeats, channels_last):
+def bench_torchdeq(cell, x, tol, max_steps, repeats, channels_last, device):
   from torchdeq import get_deq
 
+  cell = cell.to(device)
+  sync = (torch.cuda.synchronize if device.startswith("cuda")
+          else lambda: None)
   deq = get_deq(f_solver="anderson", f_max_iter=max_steps, f_tol=tol,
                 f_stop_mode="rel", b_solver="anderson", b_max_iter=max_steps,
                 b_tol=tol, b_stop_mode="rel", ift=True)
   kwargs = {"solver_kwargs": {"m": 5, "lam": 1e-4}}
-  xt = torch.from_numpy(np.asarray(x, np.float32).copy())
+  xt = torch.from_numpy(np.asarray(x, np.float32).copy()).to(device)
   if channels_last:
     xt = xt.permute(0, 3, 1, 2).contiguous()
   cotangent = torch.randn_like(xt)
@@ -147,11 +156,11 @@ def bench_torchdeq(cell, x, tol, max_steps, repeats, channels_last):
   z, info = forward()
   with torch.no_grad():
     fz = cell(z, xt)
-  t_fwd = median_seconds(forward, repeats)
-  t_both = median_seconds(forward_backward, repeats)
+  t_fwd = median_seconds(forward, repeats, sync)
+  t_both = median_seconds(forward_backward, repeats, sync)
   return dict(fwd=t_fwd, both=t_both, steps=int(info["nstep"].max()),
               bsteps=-1,
-              residual=worst_residual(fz.numpy(), z.numpy()))
+              residual=worst_residual(fz.cpu().numpy(), z.cpu().numpy()))
 
 
 def main(argv=None) -> None:
@@ -161,9 +170,13 @@ def main(argv=None) -> None:
   parser.add_argument("--tol", type=float, default=1e-2)
   parser.add_argument("--max-steps", type=int, default=25)
   parser.add_argument("--cells", nargs="+", default=["resnet", "tanh"])
+  parser.add_argument("--torch-device", default="cpu",
+                      help="torch device for torchdeq: cpu (default) or cuda")
   parser.add_argument("--record", action="store_true",
                       help="append the table to benchmarks/RESULTS.md")
   args = parser.parse_args(argv)
+  if args.torch_device.startswith("cuda") and not torch.cuda.is_available():
+    parser.error("--torch-device cuda: this torch build sees no CUDA device")
   rows = []
   for cell_name in args.cells:
     for batch in args.batches:
@@ -178,7 +191,8 @@ def main(argv=None) -> None:
         torch_cell = TorchTanhCell(cell)
       ours = bench_jaxdeq(cell, x, args.tol, args.max_steps, args.repeats)
       theirs = bench_torchdeq(torch_cell, x, args.tol, args.max_steps,
-                              args.repeats, cell_name == "resnet")
+                              args.repeats, cell_name == "resnet",
+                              args.torch_device)
       label = ("ResNet 48/64 32x32" if cell_name == "resnet"
                else "tanh d=100")
       rows.append([
@@ -195,9 +209,12 @@ def main(argv=None) -> None:
        "torchdeq fwd+bwd ms", "jaxdeq fwd+bwd ms", "fwd+bwd speed-up",
        "fwd steps torchdeq / jaxdeq", "worst rel. residual torchdeq / jaxdeq"],
       rows)
+  jax_device = jax.devices()[0]
   body += (f"\n\nAnderson m=5, lam=1e-4, tol {args.tol:g} (relative), max"
-           f" {args.max_steps} steps, implicit backward by Anderson; CPU, torch"
-           f" threads = {torch.get_num_threads()}.")
+           f" {args.max_steps} steps, implicit backward by Anderson; jaxdeq on"
+           f" {jax_device.platform} ({jax_device.device_kind}), torchdeq on"
+           f" {args.torch_device} (torch threads ="
+           f" {torch.get_num_threads()}).")
   _results.report(body, record=args.record, module="vs_torchdeq", argv=argv,
                   title="vs torchdeq (ResNet and tanh cells)")
 

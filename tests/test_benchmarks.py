@@ -30,3 +30,22 @@ def test_unrolled_benchmark_prints_both_modes_and_records_nothing():
   assert "(tape)" in table[0] and "(checkpointed)" in table[1]
   assert digest(RESULTS) == before
   assert "appended" not in result.stdout
+
+
+def test_unrolled_floor_agrees_with_the_hand_written_gradient():
+  # The script raises when jaxdeq's unrolled gradient differs from the
+  # hand-written loops'.
+  before = digest(RESULTS)
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.unrolled_floor", "--steps", "3",
+       "--repeats", "1"], cwd=REPO, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stderr
+  rows = [line for line in result.stdout.splitlines()
+          if line.startswith("| ") and "ms" not in line]
+  assert [r.split(" | ")[0] for r in rows] == [
+      "| matmul (100x100 @ 100x100) in a loop",
+      "| hand-written, per-step parameter gradient",
+      "| hand-written, folded parameter gradient",
+      "| jaxdeq UnrolledAdjoint (default budget)"]
+  assert digest(RESULTS) == before

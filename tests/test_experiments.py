@@ -39,7 +39,7 @@ def read_metrics(path):
 
 
 @pytest.mark.parametrize("layer", ["fixed_point", "newton",
-                                   "newton_implicit", "newton_implicit_gmres",
+                                   "newton_implicit", "newton_implicit_dense",
                                    "deq"])
 def test_mnist_layer_trains(layer, mnist_dir, tmp_path):
   config = mnist_config(mnist_dir, tmp_path)
@@ -54,7 +54,7 @@ def test_mnist_layer_trains(layer, mnist_dir, tmp_path):
   assert rows[1]["test_error"] < 0.05
   assert rows[1]["train_loss"] < rows[0]["train_loss"]
   assert rows[1]["test_loss"] < rows[0]["test_loss"]
-  if layer in ("newton_implicit", "newton_implicit_gmres", "deq"):
+  if layer in ("newton_implicit", "newton_implicit_dense", "deq"):
     assert rows[0]["backward_steps"] >= 1
   else:
     assert rows[0]["backward_steps"] == 0
@@ -270,7 +270,7 @@ def test_kill_minus_nine_then_resume(mnist_dir, tmp_path):
 
 @pytest.mark.parametrize("layer, flag, expected", [
     ("newton", [], 100.0),
-    ("newton_gmres", [], 100.0),
+    ("newton_dense", [], 100.0),
     ("newton", ["--skip-grad-norm", "5"], 5.0),
     ("fixed_point", [], None),
     ("newton_implicit", [], None),

@@ -329,14 +329,31 @@ def test_batched_gmres_solves_each_sample(x64):
                               atol=1e-9)
 
 
-def test_batched_gmres_stops_at_tolerance_per_sample(x64):
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_batched_gmres_stops_at_tolerance_per_sample(x64, reorthogonalize):
   a, b, matvec = _block_diagonal_problem(batch=6, n=30)
-  x = batched_gmres(matvec, b, tol=1e-3, max_iters=30)
+  x = batched_gmres(matvec, b, tol=1e-3, max_iters=30,
+                    reorthogonalize=reorthogonalize)
   relative = (jnp.linalg.norm(matvec(x) - b, axis=1)
               / jnp.linalg.norm(b, axis=1))
   assert jnp.all(relative <= 1e-3), relative
   # Stopped early: not solved to machine precision.
   assert jnp.any(relative > 1e-10), relative
+
+
+def test_newton_gmres_with_loose_inner_tolerance_converges():
+  # gmres_tol 1e-3: one Gram-Schmidt pass per inner iteration (float32).
+  w = jax.random.uniform(jax.random.key(0), (100, 100), jnp.float32, -0.1,
+                         0.1)
+  x = jax.random.normal(jax.random.key(1), (16, 100), jnp.float32)
+  f = lambda z, x: jnp.tanh(z @ w + x)
+  loose = jaxdeq.fixed_point(
+      f, jnp.zeros_like(x), x,
+      solver=jaxdeq.Newton(1e-5, 20, linear_solver="gmres", gmres_tol=1e-3,
+                           gmres_krylov_dim=10))
+  assert bool(jnp.all(loose.stats.converged)), loose.stats.residual
+  assert int(loose.stats.num_steps) <= 6
+  chex.assert_trees_all_close(f(loose.value, x), loose.value, atol=1e-4)
 
 
 def test_batched_gmres_zero_rhs_and_exact_breakdown(x64):

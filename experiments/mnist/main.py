@@ -25,7 +25,7 @@ def parse_config(argv=None) -> training.Config:
                       default=argparse.SUPPRESS,
                       help="default: fashion_mnist")
   cli.add_common_flags(parser, "epochs (default: the tutorial's, 8 for"
-                       " newton, 10 otherwise)")
+                       " newton and newton_dense, 10 otherwise)")
   cli.add_deq_flags(parser)
   args = parser.parse_args(argv)
   try:

@@ -37,7 +37,10 @@ class Newton(base.FixedPointSolver):
   iteration, until every sample's residual is below `gmres_tol` relative to
   its right-hand side, at most `gmres_krylov_dim` iterations) instead of by
   LU; no Jacobian is formed. For the 100-wide tanh cell that replaces a
-  batched 100x100 LU by a few matmuls.
+  batched 100x100 LU by a few matmuls. Inner tolerances of 1e-4 and looser
+  (inexact Newton) orthogonalise the Krylov basis with one classical
+  Gram-Schmidt pass, tighter ones with two (the second pass costs about as
+  much as the inner iteration's Jacobian-vector product).
 
   Attributes:
     tol: residual tolerance per sample.
@@ -118,7 +121,8 @@ class Newton(base.FixedPointSolver):
       return v - f_jvp(v)
 
     solve = functools.partial(linear_solve.batched_gmres, tol=self.gmres_tol,
-                              max_iters=self.gmres_krylov_dim)
+                              max_iters=self.gmres_krylov_dim,
+                              reorthogonalize=self.gmres_tol < 1e-4)
     # custom_linear_solve differentiates the solve implicitly (a transposed
     # GMRES solve), never through the Krylov iterations.
     return jax.lax.custom_linear_solve(matvec, g, solve=solve,
