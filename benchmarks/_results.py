@@ -53,6 +53,16 @@ def median_seconds(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
+def against_target(speedup: float, target) -> str:
+  """A table cell saying whether `speedup` meets `target` (None: no target),
+  and by how much it falls short."""
+  if target is None:
+    return "-"
+  if speedup >= target:
+    return f"met (>= {target:g}x)"
+  return f"missed: {target:g}x needs {target / speedup:.2f}x more"
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
   lines = ["| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]

@@ -8,7 +8,10 @@ max 25) forward and an implicit backward solved by Anderson. Profiles the
 jitted forward and forward+backward separately with `jax.profiler` and sums
 the XLA ops: convolutions (and fusions containing one), other fusions
 (GroupNorm, ReLU, Anderson's bookkeeping), data movement, and the loops'
-inclusive time; then the top ops of the forward+backward.
+inclusive time; then the top ops of the forward+backward. With torch
+installed, one evaluation of the cell and of its 48->64 convolution in both
+frameworks (same weights and input): what one solver step costs before any
+solver work.
 """
 
 from __future__ import annotations
@@ -83,6 +86,45 @@ def profile(batch: int, repeats: int) -> str:
           f" backward steps.\n\n{summary}\n\n{top}")
 
 
+def cell_costs(batch: int, repeats: int) -> str:
+  """ms of one cell evaluation and of its first convolution, jaxdeq (jitted)
+  vs PyTorch (eager, no autograd); empty without torch."""
+  try:
+    import numpy as np
+    import torch
+    from benchmarks.vs_torchdeq import TorchResNetCell
+  except ImportError:
+    return ""
+  cell = ResNetCell(48, 64, rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.key(batch), 2)
+  z = jax.random.normal(keys[0], (batch, 32, 32, 48))
+  x = jax.random.normal(keys[1], (batch, 32, 32, 48))
+  graphdef, state = nnx.split(cell)
+  evaluate = jax.jit(lambda state, z, x: nnx.merge(graphdef, state)(z, x))
+  conv = jax.jit(lambda k, z: jax.lax.conv_general_dilated(
+      z, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  kernel = cell.conv1[...]
+  ours = [_results.median_seconds(evaluate, state, z, x, repeats=repeats),
+          _results.median_seconds(conv, kernel, z, repeats=repeats)]
+  torch_cell = TorchResNetCell.from_jax(cell)
+  nchw = lambda a: torch.from_numpy(np.array(a)).permute(0, 3, 1, 2
+                                                           ).contiguous()
+  zt, xt = nchw(z), nchw(x)
+
+  def torch_seconds(fn):  # eager torch: the call returns when done
+    return _results.median_seconds(lambda: (fn(), None)[1], repeats=repeats)
+
+  with torch.no_grad():
+    theirs = [torch_seconds(lambda: torch_cell(zt, xt)),
+              torch_seconds(lambda: torch_cell.conv1(zt))]
+  rows = [[name, f"{t * 1e3:.2f}", f"{o * 1e3:.2f}", f"{t / o:.2f}x"]
+          for name, t, o in zip(("cell f(z, x)", "conv 48->64, 3x3"),
+                                theirs, ours)]
+  return "\n\n" + _results.markdown_table(
+      [f"one evaluation, batch {batch}", "PyTorch ms", "jaxdeq/XLA ms",
+       "speed-up"], rows)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=10)
@@ -90,7 +132,8 @@ def main(argv=None) -> None:
   parser.add_argument("--record", action="store_true",
                       help="append the tables to benchmarks/RESULTS.md")
   args = parser.parse_args(argv)
-  body = profile(args.batch, args.repeats)
+  body = profile(args.batch, args.repeats) + cell_costs(
+      args.batch, max(args.repeats, 20))
   _results.report(body, record=args.record, module="profile_resnet",
                   argv=argv, title="Profile of the ResNet-cell DEQ")
 

@@ -491,7 +491,8 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
     _log(_format_row(row))
   if start_epoch >= config.epochs:
     _log(f"the run in {config.workdir} is already complete: it holds"
-          f" {start_epoch} epochs (--epochs {config.epochs}); nothing to"
+          f" {start_epoch} epoch{'s' if start_epoch != 1 else ''}"
+          f" (--epochs {config.epochs}); nothing to"
           " train. Ask for more --epochs to continue it, or use a new"
           " --workdir.")
     return history
