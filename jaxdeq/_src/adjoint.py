@@ -429,6 +429,27 @@ def _unrolled(fn, solver, record_steps, plan, z0, args, budget):
   return _solve(fn, z0, args, solver, budget, record_steps)
 
 
+def _differentiable_step(fn, solver, rebuild, states, state_nondiff,
+                         step_index):
+  """One raw solver step and map evaluation, as the function of (z, f(z),
+  differentiable solver state, differentiable args) that the unrolled
+  adjoint linearises: -> ((z_next, f(z_next), new differentiable state),
+  new non-differentiable state)."""
+
+  def step(z, fz, state_diff, a):
+    # Zeroing a non-finite (done) sample's values keeps 0 * inf out of the
+    # shared parameter gradients.
+    z, fz, state_diff = tree.finite_or_zero((z, fz, state_diff))
+    a = rebuild(a)
+    z_next, state = solver.step(fn, z, fz, a,
+                                states.merge(state_diff, state_nondiff),
+                                step_index)
+    new_diff, new_nondiff = states.split(state)
+    return (z_next, fn(z_next, a), new_diff), new_nondiff
+
+  return step
+
+
 def _linearized_step(fn, solver, rebuild, states, diff_args):
   """The raw solver step and map as (z, fz, solver_state, step) -> (z_next,
   fz_next, solver_state, row), linearised: `row` is the leaves of its
@@ -440,18 +461,8 @@ def _linearized_step(fn, solver, rebuild, states, diff_args):
 
   def linearize(z, fz, solver_state, step_index):
     state_diff, state_nondiff = states.split(solver_state)
-
-    def step(z, fz, state_diff, a):
-      # Zeroing a non-finite (done) sample's values keeps 0 * inf out of the
-      # shared parameter gradients.
-      z, fz, state_diff = tree.finite_or_zero((z, fz, state_diff))
-      a = rebuild(a)
-      z_next, state = solver.step(fn, z, fz, a,
-                                  states.merge(state_diff, state_nondiff),
-                                  step_index)
-      new_diff, new_nondiff = states.split(state)
-      return (z_next, fn(z_next, a), new_diff), new_nondiff
-
+    step = _differentiable_step(fn, solver, rebuild, states, state_nondiff,
+                                step_index)
     (z_next, fz_next, new_diff), pullback, new_nondiff = jax.vjp(
         step, z, fz, state_diff, diff_args, has_aux=True)
     row, layout[:] = _split_pullback(pullback, diff_args)
@@ -518,16 +529,13 @@ def _replayed_step(fn, solver, rebuild, states, sample_steps, diff_args):
     z, fz, state_diff, state_nondiff = carry
     active = base.per_sample(step_index < sample_steps, z)
 
+    raw_step = _differentiable_step(fn, solver, rebuild, states,
+                                    state_nondiff, step_index)
+
     def step(z, fz, state_diff, a):
-      # A sample that went non-finite gets zero cotangent; zeroing its
-      # values keeps 0 * inf out of the shared parameter gradients.
-      z, fz, state_diff = tree.finite_or_zero((z, fz, state_diff))
-      a = rebuild(a)
-      z_next, state = solver.step(fn, z, fz, a,
-                                  states.merge(state_diff, state_nondiff),
-                                  step_index)
-      fz_next = fn(z_next, a)
-      new_diff, new_nondiff = states.split(state)
+      (z_next, fz_next, new_diff), new_nondiff = raw_step(z, fz, state_diff,
+                                                          a)
+      z, fz = tree.finite_or_zero((z, fz))
       return ((jnp.where(active, z_next, z), jnp.where(active, fz_next, fz),
                new_diff), new_nondiff)
 
