@@ -228,6 +228,27 @@ def test_unrolled_gradient_skips_a_diverging_sample(mode, x64):
                               rtol=1e-12)
 
 
+@pytest.mark.parametrize("mode", UNROLLED)
+def test_unrolled_gradient_survives_a_step_that_overflows_inside_f(mode):
+  # z <- exp(w z) x: sample 1's step overflows from finite inputs (exp's
+  # residual is inf), after the iterate returned for it: 0 * inf must not
+  # reach the shared dL/dw.
+  f = lambda z, a: jnp.exp(z * a[0]) * a[1]
+  solver = jaxdeq.FixedPointIteration(1e-6, 50)
+
+  def loss(w, x):
+    sol = jaxdeq.fixed_point(f, jnp.zeros_like(x), (w, x), solver=solver,
+                             adjoint=UNROLLED[mode])
+    return sol.value[0].sum(), sol.stats
+
+  w = jnp.float32(3.0)
+  (grad_w, stats) = jax.grad(loss, has_aux=True)(w, jnp.array([[0.1], [1.0]]))
+  assert stats.converged.tolist() == [True, False]
+  alone, _ = jax.grad(loss, has_aux=True)(w, jnp.array([[0.1]]))
+  assert np.isfinite(float(grad_w))
+  chex.assert_trees_all_close(grad_w, alone, rtol=1e-6)
+
+
 def test_unrolled_gradient_flows_to_z0_when_z0_is_best(x64):
   # An expanding map: every step raises the residual, so the value is z0 and
   # d value / d z0 is the identity while d value / d x is zero.

@@ -487,8 +487,16 @@ def _split_pullback(pullback, diff_args):
 
 
 def _pullback_of(layout, row, diff_args):
+  """The pullback rebuilt from a stored row.
+
+  Non-finite residuals are zeroed: they belong to a sample whose step
+  overflowed from finite inputs (its later steps get zeroed inputs), a step
+  after the iterate returned for it, whose cotangent is zero; left in, they
+  would put 0 * inf = NaN into the gradients the batch shares.
+  """
   treedef, places = layout[0]
   arg_leaves = jax.tree.leaves(diff_args)
+  row = tree.finite_or_zero(list(row))
   return jax.tree.unflatten(treedef, [
       arg_leaves[i] if kind == "arg" else row[i] for kind, i in places])
 
