@@ -62,9 +62,9 @@ def test_mnist_layer_trains(layer, mnist_dir, tmp_path):
 
 @pytest.mark.parametrize("model", ["deq_resnet", "mdeq_small"])
 def test_cifar10_trains_and_plots(model, tmp_path):
-  data_dir = helpers.write_cifar_like(tmp_path / "cifar", per_batch=20)
+  data_dir = helpers.write_cifar_like(tmp_path / "cifar", per_batch=10)
   config = training.Config(
-      dataset="cifar10", data_dir=str(data_dir), epochs=2, batch_size=20,
+      dataset="cifar10", data_dir=str(data_dir), epochs=2, batch_size=10,
       progress=False, metrics_out=str(tmp_path / "m.jsonl"),
       plots=str(tmp_path / "plots") if model == "deq_resnet" else None)
   history = cifar_train.train_and_evaluate(config, model)
