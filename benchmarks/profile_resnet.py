@@ -20,10 +20,12 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import jaxdeq
 from benchmarks import _profile, _results
+from jaxdeq._src.nnx.conv import conv2d_same
 from jaxdeq.nnx import DEQ, ResNetCell
 
 
@@ -90,7 +92,6 @@ def cell_costs(batch: int, repeats: int) -> str:
   """ms of one cell evaluation and of its first convolution, jaxdeq (jitted)
   vs PyTorch (eager, no autograd); empty without torch."""
   try:
-    import numpy as np
     import torch
     from benchmarks.vs_torchdeq import TorchResNetCell
   except ImportError:
@@ -101,11 +102,9 @@ def cell_costs(batch: int, repeats: int) -> str:
   x = jax.random.normal(keys[1], (batch, 32, 32, 48))
   graphdef, state = nnx.split(cell)
   evaluate = jax.jit(lambda state, z, x: nnx.merge(graphdef, state)(z, x))
-  conv = jax.jit(lambda k, z: jax.lax.conv_general_dilated(
-      z, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  kernel = cell.conv1[...]
+  conv = jax.jit(conv2d_same)  # the convolution the cell runs
   ours = [_results.median_seconds(evaluate, state, z, x, repeats=repeats),
-          _results.median_seconds(conv, kernel, z, repeats=repeats)]
+          _results.median_seconds(conv, z, cell.conv1[...], repeats=repeats)]
   torch_cell = TorchResNetCell.from_jax(cell)
   nchw = lambda a: torch.from_numpy(np.array(a)).permute(0, 3, 1, 2
                                                            ).contiguous()

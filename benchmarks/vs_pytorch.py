@@ -82,10 +82,11 @@ def dense_newton_gflop(layer: str, row: dict, n_train: int,
   """Lower bound on the FLOPs of a dense Newton epoch: its LU factorisations.
 
   Each Newton step factors `batch` Jacobians of width x width (2/3 width^3
-  FLOPs each). `newton_dense` (unrolled) factors once in the forward and once in
-  the backward's replay (whose stored residuals the reverse sweep reuses);
-  `newton_implicit_dense` once per forward step and once per backward Newton step.
-  Everything else (Jacobian build, triangular solves, matmuls) is ignored.
+  FLOPs each). `newton_dense` (unrolled) factors once in the forward and
+  once in the backward's replay (whose stored residuals the reverse sweep
+  reuses); `newton_implicit_dense` once per forward step and once per
+  backward Newton step. Everything else (Jacobian build, triangular solves,
+  matmuls) is ignored.
   """
   lu = batch * 2 * width**3 / 3
   if layer == "newton_dense":
@@ -151,7 +152,9 @@ def main(argv=None) -> None:
     order = ("torch", "jaxdeq") if i % 2 == 0 else ("jaxdeq", "torch")
     for who in order:
       if who == "torch":
-        runs[who] = torch_reference.train(mnist_models.TUTORIAL_LAYER[layer],
+        # The tutorial has one (dense) layer per kind: `newton_dense` and
+        # `newton` are both compared with its `newton`.
+        runs[who] = torch_reference.train(layer.removesuffix("_dense"),
                                           dataset, args.epochs,
                                           weights=weights, orders=orders)
       else:
@@ -196,8 +199,8 @@ def main(argv=None) -> None:
            " Both sides start from the same weights and see the same"
            " batches; every Newton row's PyTorch column is the tutorial's"
            " dense layer, run again for that row. Skipped updates: PyTorch's"
-           " are the tutorial's NaN guard (its sech^2 = 1/cosh^2 overflows to NaN"
-           " gradients on wandering Newton iterates); jaxdeq's Jacobian"
+           " are the tutorial's NaN guard (its sech^2 = 1/cosh^2 overflows to"
+           " NaN gradients on wandering Newton iterates); jaxdeq's Jacobian"
            " (1 - tanh^2) stays finite there, so its unrolled Newton layers"
            f" also undo updates with gradient norm > {args.skip_grad_norm:g}"
            " (`--skip-grad-norm`; normal norms are ~1). Where fixed_point"

@@ -36,13 +36,6 @@ LAYERS = {
 # --skip-grad-norm says otherwise.
 UNROLLED_NEWTON_SKIP_GRAD_NORM = {"newton": 100.0, "newton_dense": 100.0}
 
-# The tutorial's PyTorch layer each layer is compared with
-# (`benchmarks.vs_pytorch`).
-TUTORIAL_LAYER = {"fixed_point": "fixed_point", "newton": "newton",
-                  "newton_implicit": "newton_implicit",
-                  "newton_dense": "newton",
-                  "newton_implicit_dense": "newton_implicit"}
-
 
 def make_deq(layer: str, rngs: nnx.Rngs,
              options: Optional[layers.DeqOptions] = None) -> DEQ:
