@@ -209,12 +209,15 @@ def test_two_processes_match_one_process(mnist_dir, tmp_path):
   args = ["--layer", "deq", "--data-dir", mnist_dir, "--epochs", "1",
           "--batch-size", "100", "--no-progress"]
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  # The suite's own flags (conftest.py) stay; only the device count differs.
+  flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                   if "host_platform_device_count" not in f)
+  env["XLA_FLAGS"] = flags
   one = subprocess.Popen(
       [sys.executable, "-m", "experiments.mnist", *args, "--metrics-out",
        str(tmp_path / "one.jsonl")], cwd=REPO, env=env, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2"
   cluster = ["--distributed", "--num-processes", "2",
              "--coordinator-address", f"localhost:{free_port()}",
              "--metrics-out", str(tmp_path / "two.jsonl"),
