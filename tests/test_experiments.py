@@ -60,12 +60,17 @@ def test_mnist_layer_trains(layer, mnist_dir, tmp_path):
     assert rows[0]["backward_steps"] == 0
 
 
-@pytest.mark.parametrize("model", ["deq_resnet", "mdeq_small"])
+# The multi-resolution model's own tests (tests/test_toolkit.py, its
+# doctest) run by default; its end-to-end run repeats this loop: slow.
+@pytest.mark.parametrize("model", [
+    "deq_resnet", pytest.param("mdeq_small", marks=pytest.mark.slow)])
 def test_cifar10_trains_and_plots(model, tmp_path):
-  data_dir = helpers.write_cifar_like(tmp_path / "cifar", per_batch=10)
+  data_dir = helpers.write_cifar_like(tmp_path / "cifar", per_batch=4)
   config = training.Config(
       dataset="cifar10", data_dir=str(data_dir), epochs=2, batch_size=10,
       progress=False, metrics_out=str(tmp_path / "m.jsonl"),
+      # Evaluation (and the plots' solves) capped at 5 of the 25 steps.
+      deq_options=layers.DeqOptions(eval_max_steps=5),
       plots=str(tmp_path / "plots") if model == "deq_resnet" else None)
   history = cifar_train.train_and_evaluate(config, model)
   assert history[1]["train_loss"] < history[0]["train_loss"]
