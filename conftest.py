@@ -31,9 +31,12 @@ _CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
 # Set by the process that creates the directory (the xdist controller, or
 # the only process without xdist), which removes it at the end.
 _OWNER_VARIABLE = "JAXDEQ_TEST_CACHE_OWNER"
-
-
 _FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+# jax options (each also read from its upper-case environment variable) and
+# the suite's defaults. A size limit turns on the cache's file lock: workers
+# that compile the same program at once never read a half-written entry.
+_CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.1,
+                  "jax_compilation_cache_max_size": 8 << 30}
 
 
 def pytest_configure(config):
@@ -46,19 +49,12 @@ def pytest_configure(config):
   if _CACHE_VARIABLE not in os.environ:
     os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="jaxdeq-tests-jit-")
     os.environ[_OWNER_VARIABLE] = str(os.getpid())
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
   # The environment reaches processes started from here (xdist workers,
   # the command-line tests); this process read its settings at import.
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
-  # A size limit turns on the cache's file lock: workers that compile the
-  # same program at once never read a half-written entry.
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
-  jax.config.update("jax_compilation_cache_dir",
-                    os.environ[_CACHE_VARIABLE])
-  jax.config.update(
-      "jax_persistent_cache_min_compile_time_secs",
-      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-  jax.config.update("jax_compilation_cache_max_size",
-                    int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+  for name, default in _CACHE_OPTIONS.items():
+    value = os.environ.setdefault(name.upper(), str(default))
+    jax.config.update(name, type(default)(value))
 
 
 def pytest_unconfigure(config):
