@@ -215,6 +215,48 @@ def test_anderson_lam_zero_on_duplicate_history():
   assert bool(jnp.all(sol.stats.converged))
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+def test_anderson_step_matches_the_recomputed_gram(beta, x64):
+  # The step keeps the Gram matrix up to date one row at a time and mixes
+  # from the histories before writing into them; after more steps than the
+  # history holds, both must still equal the textbook step: the Gram matrix
+  # recomputed from the stored residuals, weights from the bordered system,
+  # mixing over the updated histories.
+  m, lam = 3, 1e-3
+  solver = jaxdeq.Anderson(1e-12, 20, m=m, lam=lam, beta=beta)
+  key_a, key_x = jax.random.split(jax.random.key(3))
+  a = 0.4 * jax.random.normal(key_a, (6, 6), jnp.float64) / np.sqrt(6)
+  x = jax.random.normal(key_x, (2, 6), jnp.float64)
+  f = lambda z, x: jnp.tanh(z @ a) + x
+  z = jnp.zeros((2, 6), jnp.float64)
+  state = solver.init(f, z, f(z, x), x)
+  g_rows, f_rows = [], []
+  for step in range(2 * m + 1):
+    fz = f(z, x)
+    z_next, state = solver.step(f, z, fz, x, state, jnp.asarray(step))
+    g_rows, f_rows = (g_rows + [fz - z])[-m:], (f_rows + [fz])[-m:]
+    g = np.stack(g_rows, axis=1)
+    gram = np.einsum("bid,bjd->bij", g, g)
+    np.testing.assert_allclose(
+        _gram_in_step_order(np.asarray(state.gram), step, m, len(g_rows)),
+        gram, rtol=1e-12, atol=1e-14)
+    w = np.linalg.solve(gram + lam * np.eye(len(g_rows)),
+                        np.ones((2, len(g_rows), 1)))[..., 0]
+    alpha = w / w.sum(axis=1, keepdims=True)
+    expected = np.einsum("bm,bmd->bd", alpha,
+                         np.stack(f_rows, 1) - (1 - beta) * g)
+    np.testing.assert_allclose(np.asarray(z_next), expected, rtol=1e-10,
+                               atol=1e-12)
+    z = z_next
+
+
+def _gram_in_step_order(gram, step, m, filled):
+  """The stored (batch, m, m) Gram matrix reordered oldest step first
+  (slot k % m holds step k)."""
+  slots = np.arange(step - filled + 1, step + 1) % m
+  return gram[:, slots][:, :, slots]
+
+
 def test_absolute_residual():
   x = jnp.full((2, 3), 1000.0)
   f = lambda z, x: 0.5 * z + x

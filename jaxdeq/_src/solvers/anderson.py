@@ -12,17 +12,21 @@ from jaxdeq._src.solvers import base
 
 
 class AndersonState(NamedTuple):
-  """History of the last `m` residuals and images.
+  """History of the last `m` residuals and images, and their Gram matrix.
 
   Attributes:
     g_history: (batch, m, d) residuals f(z) - z of the flattened iterates;
       slot k % m holds step k. Kept rather than the iterates: the Gram
-      matrix reads it directly (no (batch, m, d) subtraction per step).
+      row reads it directly (no (batch, m, d) subtraction per step).
     f_history: (batch, m, d) the images f(z).
+    gram: (batch, m, m) inner products of the stored residuals (zero for
+      unfilled slots). Each step computes only the new residual's row: m
+      dot products of length d instead of m * m.
   """
 
   g_history: jax.Array
   f_history: jax.Array
+  gram: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,28 +75,38 @@ class Anderson(base.FixedPointSolver):
   def init(self, f, z, fz, args) -> AndersonState:
     batch, size = z.shape
     zeros = jnp.zeros((batch, self.m, size), z.dtype)
-    return AndersonState(zeros, zeros)
+    return AndersonState(zeros, zeros,
+                         jnp.zeros((batch, self.m, self.m), z.dtype))
 
   def step(self, f, z, fz, args, state, step_index):
+    g = fz - z
     slot = step_index % self.m
+    is_slot = (jnp.arange(self.m, dtype=step_index.dtype) == slot)[None]
+    # The histories are read before the new pair is written into them, the
+    # newest pair's part added separately: reading the updated buffers made
+    # XLA copy both (batch, m, d) histories up to four times per step.
+    row = jnp.where(is_slot, jnp.sum(g * g, axis=1, keepdims=True),
+                    jnp.einsum("bmd,bd->bm", state.g_history, g))
+    gram = jnp.where(is_slot[:, :, None], row[:, None, :], state.gram)
+    gram = jnp.where(is_slot[:, None, :], row[:, :, None], gram)
+    valid = jnp.arange(self.m, dtype=step_index.dtype) <= step_index  # slots filled so far
+    alpha = _mixing_weights(gram, valid, self.lam, slot, self.lam_relative)
+    alpha_new = jnp.sum(jnp.where(is_slot, alpha, 0), axis=1, keepdims=True)
+    alpha_old = jnp.where(is_slot, 0, alpha)
+    mix = lambda history, new: (
+        jnp.einsum("bm,bmd->bd", alpha_old, history) + alpha_new * new)
+    z_next = mix(state.f_history, fz)
+    if self.beta != 1.0:
+      # sum alpha z = sum alpha f - sum alpha g
+      z_next = z_next - (1 - self.beta) * mix(state.g_history, g)
     g_history = jax.lax.dynamic_update_index_in_dim(
-        state.g_history, fz - z, slot, axis=1)
+        state.g_history, g, slot, axis=1)
     f_history = jax.lax.dynamic_update_index_in_dim(
         state.f_history, fz, slot, axis=1)
-    valid = jnp.arange(self.m, dtype=step_index.dtype) <= step_index  # slots filled so far
-    alpha = _mixing_weights(g_history, valid, self.lam, slot,
-                            self.lam_relative)
-    mixed_f = jnp.einsum("bm,bmd->bd", alpha, f_history)
-    if self.beta == 1.0:
-      z_next = mixed_f
-    else:
-      # sum alpha z = sum alpha f - sum alpha g
-      mixed_g = jnp.einsum("bm,bmd->bd", alpha, g_history)
-      z_next = mixed_f - (1 - self.beta) * mixed_g
-    return z_next, AndersonState(g_history, f_history)
+    return z_next, AndersonState(g_history, f_history, gram)
 
 
-def _mixing_weights(residuals: jax.Array, valid: jax.Array, lam: float,
+def _mixing_weights(gram: jax.Array, valid: jax.Array, lam: float,
                     newest: jax.Array, lam_relative: bool) -> jax.Array:
   """Anderson weights alpha, shape (batch, m), per sample.
 
@@ -103,9 +117,8 @@ def _mixing_weights(residuals: jax.Array, valid: jax.Array, lam: float,
   vectorised over the batch: XLA:CPU's batched LU on thousands of 6 x 6
   systems cost more than the rest of the step.
   """
-  m = residuals.shape[1]
-  dtype = residuals.dtype
-  gram = jnp.einsum("bid,bjd->bij", residuals, residuals)
+  m = gram.shape[1]
+  dtype = gram.dtype
   pair_valid = (valid[:, None] & valid[None, :])[None]
   eye = jnp.eye(m, dtype=dtype)[None]
   if lam_relative:
