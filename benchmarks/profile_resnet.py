@@ -1,6 +1,6 @@
 """Where jaxdeq's ResNet-cell DEQ spends its time (XLA:CPU op profile).
 
-python -m benchmarks.profile_resnet [--batch 10] [--repeats 5] [--record]
+python -m benchmarks.profile_resnet [--batch 10] [--repeats 5] [--xla-defaults] [--record]
 
 The setting of `python -m benchmarks.vs_torchdeq`: the tutorial's ResNet cell
 (48 channels, 64 inner, 32x32, GroupNorm), Anderson (m=5, lam=1e-4, tol 1e-2,
@@ -11,12 +11,16 @@ the XLA ops: convolutions (and fusions containing one), other fusions
 inclusive time; then the top ops of the forward+backward. With torch
 installed, one evaluation of the cell and of its 48->64 convolution in both
 frameworks (same weights and input): what one solver step costs before any
-solver work.
+solver work. Compiled with `experiments.common.xla_cpu.CONV_OPTIONS`, as
+`benchmarks.vs_torchdeq`'s ResNet rows, unless `--xla-defaults`. (Under
+those options XLA runs the convolutions outside the ops the profiler sees:
+their time is in "not in ops".)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +29,12 @@ from flax import nnx
 
 import jaxdeq
 from benchmarks import _profile, _results
+from experiments.common import xla_cpu
 from jaxdeq._src.nnx.conv import conv2d_same
 from jaxdeq.nnx import DEQ, ResNetCell
 
 
-def profile(batch: int, repeats: int) -> str:
+def profile(batch: int, repeats: int, compiler_options=None) -> str:
   cell = ResNetCell(48, 64, rngs=nnx.Rngs(0))
   deq = DEQ(cell, jaxdeq.Anderson(tol=1e-2, max_steps=25, m=5),
             jaxdeq.ImplicitAdjoint())
@@ -37,12 +42,14 @@ def profile(batch: int, repeats: int) -> str:
   x = jax.random.normal(jax.random.key(batch), (batch, 32, 32, 48))
   cotangent = jax.random.normal(jax.random.key(1), x.shape)
 
-  @jax.jit
+  jit = functools.partial(jax.jit, compiler_options=compiler_options)
+
+  @jit
   def forward(params, x):
     sol = nnx.merge(graphdef, params, rest, copy=True).solve(x)
     return sol.value, sol.stats.num_steps
 
-  @jax.jit
+  @jit
   def forward_backward(params, x):
     def loss(params, x, probe):
       model = nnx.merge(graphdef, params, rest, copy=True)
@@ -88,7 +95,7 @@ def profile(batch: int, repeats: int) -> str:
           f" backward steps.\n\n{summary}\n\n{top}")
 
 
-def cell_costs(batch: int, repeats: int) -> str:
+def cell_costs(batch: int, repeats: int, compiler_options=None) -> str:
   """ms of one cell evaluation and of its first convolution, jaxdeq (jitted)
   vs PyTorch (eager, no autograd); empty without torch."""
   try:
@@ -101,8 +108,9 @@ def cell_costs(batch: int, repeats: int) -> str:
   z = jax.random.normal(keys[0], (batch, 32, 32, 48))
   x = jax.random.normal(keys[1], (batch, 32, 32, 48))
   graphdef, state = nnx.split(cell)
-  evaluate = jax.jit(lambda state, z, x: nnx.merge(graphdef, state)(z, x))
-  conv = jax.jit(conv2d_same)  # the convolution the cell runs
+  jit = functools.partial(jax.jit, compiler_options=compiler_options)
+  evaluate = jit(lambda state, z, x: nnx.merge(graphdef, state)(z, x))
+  conv = jit(conv2d_same)  # the convolution the cell runs
   ours = [_results.median_seconds(evaluate, state, z, x, repeats=repeats),
           _results.median_seconds(conv, z, cell.conv1[...], repeats=repeats)]
   torch_cell = TorchResNetCell.from_jax(cell)
@@ -128,11 +136,16 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--xla-defaults", action="store_true",
+                      help="compile with XLA's default CPU options")
   parser.add_argument("--record", action="store_true",
                       help="append the tables to benchmarks/RESULTS.md")
   args = parser.parse_args(argv)
-  body = profile(args.batch, args.repeats) + cell_costs(
-      args.batch, max(args.repeats, 20))
+  options = None if args.xla_defaults else xla_cpu.conv_options()
+  body = profile(args.batch, args.repeats, options) + cell_costs(
+      args.batch, max(args.repeats, 20), options)
+  body += ("\n\nCompiled with " + ("XLA's default options." if options is None
+                                   else f"`compiler_options={options}`."))
   _results.report(body, record=args.record, module="profile_resnet",
                   argv=argv, title="Profile of the ResNet-cell DEQ")
 

@@ -1,14 +1,18 @@
 """jaxdeq vs torchdeq on the tutorial's ResNet DEQ cell and the tanh cell.
 
-python -m benchmarks.vs_torchdeq [--batches 1 10 100] [--repeats 3] [--tol 1e-2] [--max-steps 25]
-    [--torch-device cpu|cuda] [--record]
+python -m benchmarks.vs_torchdeq [--batches 1 10 100] [--repeats 5] [--tol 1e-2] [--max-steps 25]
+    [--torch-device cpu|cuda] [--xla-defaults] [--record]
 
 Needs `pip install torch==2.13.0 && pip install torchdeq==0.1.0 --no-deps`.
 Same weights (copied from the jaxdeq cell into an equivalent PyTorch module),
 same input, same solver settings: Anderson (m=5, lam=1e-4) forward and an
 implicit backward solved by Anderson, both to relative tolerance `--tol`
-within `--max-steps`. Times are medians after a warm-up (jaxdeq jitted);
-residuals are the worst per-sample relative residual of the returned z*.
+within `--max-steps`. Times are medians after a warm-up (jaxdeq jitted) over
+at least `--repeats` calls and at least a second of calls, for both
+libraries; residuals are the worst per-sample relative residual of the
+returned z*. jaxdeq's ResNet rows are compiled with the XLA:CPU options of
+`experiments.common.xla_cpu.CONV_OPTIONS` (the tanh rows with XLA's
+defaults); `--xla-defaults` compiles them with XLA's defaults too.
 jaxdeq runs on JAX's default device; on a GPU machine (jaxlib with CUDA and a
 CUDA build of torch) pass `--torch-device cuda` so that torchdeq runs there
 too (timings then wait for the device: `torch.cuda.synchronize`).
@@ -17,6 +21,7 @@ too (timings then wait for the device: `torch.cuda.synchronize`).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -29,6 +34,7 @@ from torch import nn
 
 import jaxdeq
 from benchmarks import _results
+from experiments.common import xla_cpu
 from jaxdeq.nnx import DEQ, ResNetCell, TanhCell
 
 
@@ -72,11 +78,14 @@ class TorchTanhCell(nn.Module):
     return torch.tanh(z @ self.kernel + x)
 
 
-def median_seconds(fn, repeats, sync=lambda: None):
+def median_seconds(fn, repeats, sync=lambda: None, min_seconds=1.0):
+  """Median of at least `repeats` timed calls and of at least `min_seconds`
+  of calls (at most 200), after one warm-up call."""
   fn()
   sync()
   times = []
-  for _ in range(repeats):
+  while len(times) < repeats or (sum(times) < min_seconds
+                                 and len(times) < 200):
     started = time.perf_counter()
     fn()
     sync()
@@ -90,19 +99,21 @@ def worst_residual(fz, z):
   return float(np.max(num / (np.linalg.norm(fz.reshape(b, -1), axis=1) + 1e-5)))
 
 
-def bench_jaxdeq(cell, x, tol, max_steps, repeats):
+def bench_jaxdeq(cell, x, tol, max_steps, repeats, compiler_options=None):
   deq = DEQ(cell, jaxdeq.Anderson(tol=tol, max_steps=max_steps, m=5),
             jaxdeq.ImplicitAdjoint())
   graphdef, params, rest = nnx.split(deq, nnx.Param, ...)
   cotangent = jax.random.normal(jax.random.key(1), x.shape)
 
-  @jax.jit
+  jit = functools.partial(jax.jit, compiler_options=compiler_options)
+
+  @jit
   def forward(params, x):
     model = nnx.merge(graphdef, params, rest, copy=True)
     sol = model.solve(x)
     return sol.value, sol.stats.num_steps
 
-  @jax.jit
+  @jit
   def forward_backward(params, x):
     def loss(params, x, probe):
       model = nnx.merge(graphdef, params, rest, copy=True)
@@ -170,15 +181,19 @@ RESNET_TARGETS = {1: 1.2, 10: 1.0}
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100])
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--tol", type=float, default=1e-2)
   parser.add_argument("--max-steps", type=int, default=25)
   parser.add_argument("--cells", nargs="+", default=["resnet", "tanh"])
   parser.add_argument("--torch-device", default="cpu",
                       help="torch device for torchdeq: cpu (default) or cuda")
+  parser.add_argument("--xla-defaults", action="store_true",
+                      help="compile jaxdeq's ResNet rows with XLA's default"
+                      " CPU options too")
   parser.add_argument("--record", action="store_true",
                       help="append the table to benchmarks/RESULTS.md")
   args = parser.parse_args(argv)
+  conv_options = None if args.xla_defaults else xla_cpu.conv_options()
   if args.torch_device.startswith("cuda") and not torch.cuda.is_available():
     parser.error("--torch-device cuda: this torch build sees no CUDA device")
   rows = []
@@ -193,7 +208,8 @@ def main(argv=None) -> None:
         cell = TanhCell(100, rngs=nnx.Rngs(0))
         x = jax.random.normal(key, (batch, 100))
         torch_cell = TorchTanhCell(cell)
-      ours = bench_jaxdeq(cell, x, args.tol, args.max_steps, args.repeats)
+      ours = bench_jaxdeq(cell, x, args.tol, args.max_steps, args.repeats,
+                          conv_options if cell_name == "resnet" else None)
       theirs = bench_torchdeq(torch_cell, x, args.tol, args.max_steps,
                               args.repeats, cell_name == "resnet",
                               args.torch_device)
@@ -222,7 +238,12 @@ def main(argv=None) -> None:
            f" {args.max_steps} steps, implicit backward by Anderson; jaxdeq on"
            f" {jax_device.platform} ({jax_device.device_kind}), torchdeq on"
            f" {args.torch_device} (torch threads ="
-           f" {torch.get_num_threads()}). Where the ResNet cell misses its"
+           f" {torch.get_num_threads()}); jaxdeq's ResNet rows compiled with "
+           + ("XLA's default options"
+              if conv_options is None else
+              f"`compiler_options={conv_options}`"
+              " (experiments.common.xla_cpu)")
+           + ". Where the ResNet cell misses its"
            " target, `python -m benchmarks.profile_resnet` says where the"
            " time goes.")
   _results.report(body, record=args.record, module="vs_torchdeq", argv=argv,
