@@ -6,8 +6,10 @@ cores (4.2 ms at batch 10 on either one or two cores; PyTorch's oneDNN 2.0
 ms on two). Without YNNPACK fusions XLA runs them on Eigen's threaded
 convolution (2.3 ms). Region-based copy insertion removes copies of the
 Anderson histories that XLA otherwise inserts in the solver's loop body.
-Together: the tutorial's ResNet-cell DEQ forward+backward at batch 10 went
-from 251 to 160-168 ms (`python -m benchmarks.vs_torchdeq`; RESULTS.md).
+Together they took the tutorial's ResNet-cell DEQ forward+backward from
+0.57x to 0.73x torchdeq's speed at batch 10 (216.6 -> 152.8 ms in one run
+of `python -m benchmarks.vs_torchdeq`, with and without `--xla-defaults`;
+RESULTS.md).
 
 The options only concern the CPU backend and are not part of jaxdeq's API:
 they are XLA debug options, one named `experimental`, and XLA refuses names

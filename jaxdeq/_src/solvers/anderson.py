@@ -81,7 +81,8 @@ class Anderson(base.FixedPointSolver):
   def step(self, f, z, fz, args, state, step_index):
     g = fz - z
     slot = step_index % self.m
-    is_slot = (jnp.arange(self.m, dtype=step_index.dtype) == slot)[None]
+    slots = jnp.arange(self.m, dtype=step_index.dtype)
+    is_slot = (slots == slot)[None]
     # The histories are read before the new pair is written into them, the
     # newest pair's part added separately: reading the updated buffers made
     # XLA copy both (batch, m, d) histories up to four times per step.
@@ -89,7 +90,7 @@ class Anderson(base.FixedPointSolver):
                     jnp.einsum("bmd,bd->bm", state.g_history, g))
     gram = jnp.where(is_slot[:, :, None], row[:, None, :], state.gram)
     gram = jnp.where(is_slot[:, None, :], row[:, :, None], gram)
-    valid = jnp.arange(self.m, dtype=step_index.dtype) <= step_index  # slots filled so far
+    valid = slots <= step_index  # slots filled so far
     alpha = _mixing_weights(gram, valid, self.lam, slot, self.lam_relative)
     alpha_new = jnp.sum(jnp.where(is_slot, alpha, 0), axis=1, keepdims=True)
     alpha_old = jnp.where(is_slot, 0, alpha)
