@@ -576,7 +576,8 @@ def _unrolled_bwd(fn, solver, record_steps, plan, residuals, cotangent):
                                diff_args)
 
   def checkpoint(segment):
-    it = jax.tree.map(lambda c: c[segment], checkpoints)
+    # The checkpoint buffer starts at the first segment past the tape.
+    it = jax.tree.map(lambda c: c[segment - tape_rows // every], checkpoints)
     return (it.z, it.fz) + tuple(states.split(it.solver_state))
 
   def inject(cot_z, after_step):
@@ -675,12 +676,12 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps,
 
   residual_shapes = jax.eval_shape(
       lambda: step_row(checkpoint(0), jnp.zeros((), jnp.int32))[1])
-  buffer = [jnp.zeros((every,) + r.shape, r.dtype) for r in residual_shapes]
 
   def segment(carry):
-    # The residual buffer travels in the carry: every slot a segment reads
-    # it wrote first, so it needs no clearing between segments.
-    seg, buffer, cot, cot_args = carry
+    seg, cot, cot_args = carry
+    # Made here, not carried: a solve that ends inside its tape pays
+    # nothing for the replay.
+    buffer = loop.step_buffers(residual_shapes, every)
     start = seg * every
     length = jnp.minimum(every, num_steps - start)
 
@@ -707,13 +708,13 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps,
               jax.tree.map(jnp.add, cot_args, cot_step_args))
 
     cot, cot_args = jax.lax.fori_loop(0, length, reverse, (cot, cot_args))
-    return seg - 1, buffer, cot, cot_args
+    return seg - 1, cot, cot_args
 
   cot, cot_args = cotangents
   num_segments = -(-num_steps // every)
-  _, _, cot, cot_args = jax.lax.while_loop(
+  _, cot, cot_args = jax.lax.while_loop(
       lambda c: c[0] >= first_segment, segment,
-      (num_segments - 1, buffer, cot, cot_args))
+      (num_segments - 1, cot, cot_args))
   return cot, cot_args
 
 
