@@ -478,3 +478,37 @@ def test_implicit_forward_mode_equals_reverse_mode(name, x64):
 
   chex.assert_trees_all_close(jax.jacfwd(value)(x), jax.jacrev(value)(x),
                               atol=1e-9)
+
+
+def test_implicit_backward_applies_the_vjp_once_per_step_and_once_for_args():
+  # A linear solve from zero needs no VJP to know its map there (f(0) = g):
+  # the backward's VJPs are its steps plus the one pulling u to the args.
+  pulls, backward_steps = [], []
+
+  @jax.custom_vjp
+  def half_tanh(z):
+    return 0.5 * jnp.tanh(z)
+
+  def half_tanh_fwd(z):
+    return half_tanh(z), z
+
+  def half_tanh_bwd(z, g):
+    jax.debug.callback(lambda: pulls.append(1))
+    return (0.5 * g * (1 - jnp.tanh(z) ** 2),)
+
+  half_tanh.defvjp(half_tanh_fwd, half_tanh_bwd)
+  adjoint = jaxdeq.ImplicitAdjoint(
+      callback=lambda stats: backward_steps.append(int(stats.num_steps)))
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(jaxdeq.fixed_point(
+      lambda z, x: half_tanh(z + x), jnp.zeros_like(x), x,
+      solver=jaxdeq.Anderson(1e-6, 50), adjoint=adjoint).value)))
+  g = jax.block_until_ready(grad(jnp.ones((2, 3))))
+  jax.effects_barrier()
+  assert backward_steps and backward_steps[0] > 2
+  assert len(pulls) == backward_steps[0] + 1
+  # z* = tanh(z* + x) / 2: dz*/dx = s / (1 - s), s = sech^2(z* + x) / 2.
+  x = jnp.ones((2, 3))
+  z = jaxdeq.fixed_point(lambda z, x: half_tanh(z + x), jnp.zeros_like(x), x,
+                         solver=jaxdeq.Anderson(1e-6, 100)).value
+  s = 0.5 / jnp.cosh(z + x) ** 2
+  chex.assert_trees_all_close(g, s / (1 - s), rtol=1e-4)

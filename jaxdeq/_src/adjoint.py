@@ -317,8 +317,12 @@ def _linear_solve(linear_solver, operator, rhs, jacobian, x0=None):
   linear_map = base.Map(
       lambda x, b: x - operator(x) + b,
       None if jacobian is None else lambda x, b: jacobian)
-  x0 = jnp.zeros_like(rhs) if x0 is None else x0
-  sol = _solve(linear_map, x0, rhs, linear_solver)
+  fx0 = None
+  if x0 is None:
+    # The map at zero is the right-hand side: not evaluating it saves one
+    # application of the operator (a VJP of the cell in the backward).
+    x0, fx0 = jnp.zeros_like(rhs), rhs
+  sol = loop.solve(linear_map, x0, rhs, linear_solver, fz0=fx0)[0]
   return sol.value, sol.stats
 
 

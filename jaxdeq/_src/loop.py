@@ -75,9 +75,10 @@ def _is_done(res: jax.Array, tol: float) -> jax.Array:
 
 
 def init_iterate(f, solver: base.FixedPointSolver, z0: jax.Array,
-                 args: Any) -> Iterate:
-  """The iterate before the first step."""
-  fz0 = f(z0, args)
+                 args: Any, fz0: Optional[jax.Array] = None) -> Iterate:
+  """The iterate before the first step (`fz0`: f(z0, args) if known)."""
+  if fz0 is None:
+    fz0 = f(z0, args)
   res = residual(z0, fz0, solver)
   return Iterate(
       z=z0,
@@ -181,6 +182,7 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
           record_steps: tuple[int, ...] = (),
           linearize=None,
           tape_rows: int = 0,
+          fz0: Optional[jax.Array] = None,
           ) -> tuple[solution_lib.Solution, Any, Iterate]:
   """Runs `solver` on `f` from `z0` until every sample is done or max_steps.
 
@@ -207,6 +209,8 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
       adjoint's linearised step), whose `row`, a list of arrays, is written
       into a tape for the first `tape_rows` steps.
     tape_rows: rows of the tape (with `linearize`).
+    fz0: f(z0, args) when the caller knows it without evaluating f (a
+      linear solve started from zero: f(0) is the right-hand side).
 
   Returns:
     The `Solution`, (checkpoint buffer, tape) (each None when not asked for)
@@ -215,7 +219,7 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
   max_steps = solver.max_steps
   limit = (max_steps if budget is None else
            jnp.clip(jnp.asarray(budget, jnp.int32), 0, max_steps))
-  it0 = init_iterate(f, solver, z0, args)
+  it0 = init_iterate(f, solver, z0, args, fz0)
   rows = trace_length(max_steps)
   trace = jnp.full((rows, z0.shape[0]), jnp.nan, it0.residual.dtype)
   checkpoints = None
