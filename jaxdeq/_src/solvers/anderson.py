@@ -74,8 +74,11 @@ class Anderson(base.FixedPointSolver):
 
   def init(self, f, z, fz, args) -> AndersonState:
     batch, size = z.shape
-    zeros = jnp.zeros((batch, self.m, size), z.dtype)
-    return AndersonState(zeros, zeros,
+    # Unfilled slots are never weighted (alpha is 0 there), so any finite
+    # fill will do; two different fills keep XLA from merging them into one
+    # broadcast that it then copies into the second loop-carried history.
+    return AndersonState(jnp.zeros((batch, self.m, size), z.dtype),
+                         jnp.ones((batch, self.m, size), z.dtype),
                          jnp.zeros((batch, self.m, self.m), z.dtype))
 
   def step(self, f, z, fz, args, state, step_index):
