@@ -579,11 +579,6 @@ def _unrolled_bwd(fn, solver, record_steps, plan, residuals, cotangent):
   traced_step = _replayed_step(fn, solver, rebuild, states, sample_steps,
                                diff_args)
 
-  def checkpoint(segment):
-    # The checkpoint buffer starts at the first segment past the tape.
-    it = jax.tree.map(lambda c: c[segment - tape_rows // every], checkpoints)
-    return (it.z, it.fz) + tuple(states.split(it.solver_state))
-
   def inject(cot_z, after_step):
     """Adds the output cotangent of the samples returned after this step."""
     hit = base.per_sample(best_step == after_step, cot_z)
@@ -591,8 +586,15 @@ def _unrolled_bwd(fn, solver, record_steps, plan, residuals, cotangent):
 
   cot = _zero_cotangents(fn, solver, rebuild, states, z0, diff_args)
   if every is not None:  # the steps past the tape, replayed
+    # The first segment past the tape: row 0 of the checkpoint buffer.
+    first_replayed = tape_rows // every
+
+    def checkpoint(segment):
+      it = jax.tree.map(lambda c: c[segment - first_replayed], checkpoints)
+      return (it.z, it.fz) + tuple(states.split(it.solver_state))
+
     cot = _reverse_segments(traced_step, checkpoint, inject, every,
-                            num_steps, tape_rows // every, cot, diff_args)
+                            num_steps, first_replayed, cot, diff_args)
   if tape_rows:
     cot = _reverse_tape(fn, solver, rebuild, states, tape, inject,
                         jnp.minimum(num_steps, tape_rows), sample_steps, cot,
