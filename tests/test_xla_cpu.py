@@ -1,6 +1,7 @@
 """The XLA:CPU options of the convolutional experiment and benchmarks."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -38,10 +39,30 @@ def test_resnet_cell_under_the_options_computes_the_same():
   tuned = jax.jit(evaluate, compiler_options=options)
   np.testing.assert_allclose(tuned(state, z, x), jax.jit(evaluate)(state, z, x),
                              rtol=1e-5, atol=1e-5)
-  # What the options are for: the convolutions leave YNNPACK.
-  assert "ynn_fusion" in jax.jit(evaluate).lower(state, z, x).compile(
-      ).as_text()
-  assert "ynn_fusion" not in tuned.lower(state, z, x).compile().as_text()
+  # What the options are for: the convolutions leave YNNPACK, the
+  # reductions (GroupNorm's statistics) stay in it.
+  default = _ynn_fused_ops(jax.jit(evaluate).lower(state, z, x).compile(
+      ).as_text())
+  assert "convolution" in default
+  ops = _ynn_fused_ops(tuned.lower(state, z, x).compile().as_text())
+  assert "convolution" not in ops
+  assert "reduce" in ops
+
+
+def _ynn_fused_ops(hlo: str) -> set[str]:
+  """Opcodes inside the computations that YNNPACK fusions call."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^%?([\w.\-]+) .*\{$", line)
+    if header:
+      name = header.group(1)
+      bodies[name] = []
+    elif name is not None:
+      bodies[name].append(line)
+  called = re.findall(r"kind=kCustom, calls=%?([\w.\-]+)", "\n".join(
+      line for line in hlo.splitlines() if "ynn_fusion" in line))
+  return {op for c in called for line in bodies.get(c, ())
+          for op in re.findall(r"\s([a-z][\w\-]*)\(", line)}
 
 
 def test_flags_set_before_the_backend_starts_keep_the_users():
@@ -57,7 +78,8 @@ def test_flags_set_before_the_backend_starts_keep_the_users():
     return
   assert applied == "True"
   assert flags == ("--xla_cpu_copy_insertion_use_region_analysis=false"
-                   " --xla_cpu_experimental_ynn_fusion_type=")
+                   " --xla_cpu_experimental_ynn_fusion_type="
+                   "LIBRARY_FUSION_TYPE_REDUCE")
 
 
 def test_flags_after_the_backend_started_are_refused(monkeypatch):

@@ -34,9 +34,10 @@ def _parse(argv=None) -> tuple[training.Config, bool]:
                       " dataset-fashion-mnist)")
   parser.add_argument("--xla-defaults", action="store_true",
                       help="compile with XLA's default CPU options (by"
-                      " default a run turns off XLA:CPU's YNNPACK fusions and"
-                      " turns on region-based copy insertion: 1.5x faster"
-                      " training on CPU here; experiments/common/xla_cpu.py)")
+                      " default a run keeps XLA:CPU's YNNPACK fusions for"
+                      " reductions only and turns on region-based copy"
+                      " insertion; RESULTS.md has the speed-ups;"
+                      " experiments/common/xla_cpu.py)")
   cli.add_common_flags(parser, "epochs (default 50, the tutorial's)")
   cli.add_deq_flags(parser)
   args = parser.parse_args(argv)

@@ -3,13 +3,18 @@
 With jaxlib 0.10.2's defaults XLA:CPU hands each convolution to YNNPACK,
 which ran the ResNet cell's 3x3 convolutions on one of this machine's two
 cores (4.2 ms at batch 10 on either one or two cores; PyTorch's oneDNN 2.0
-ms on two). Without YNNPACK fusions XLA runs them on Eigen's threaded
-convolution (2.3 ms). Region-based copy insertion removes copies of the
-Anderson histories that XLA otherwise inserts in the solver's loop body.
-Together they took the tutorial's ResNet-cell DEQ forward+backward from
-0.57x to 0.73x torchdeq's speed at batch 10 (216.6 -> 152.8 ms in one run
-of `python -m benchmarks.vs_torchdeq`, with and without `--xla-defaults`;
-RESULTS.md).
+ms on two). Without YNNPACK's convolutions XLA runs them on Eigen's threaded
+convolution (2.3 ms). YNNPACK keeps the reductions (GroupNorm's statistics
+and the sums in its VJP): XLA's own emitter ran a 10 x 32 x 32 x 64 spatial
+sum 2.5-4x slower (0.50-0.81 vs 0.20 ms). Region-based copy insertion
+removes copies of the Anderson histories that XLA otherwise inserts in the
+solver's loop body. Turning all YNNPACK fusions off took the tutorial's
+ResNet-cell DEQ forward+backward from 0.57x to 0.73x torchdeq's speed at
+batch 10 (216.6 -> 152.8 ms in one run of `python -m benchmarks.vs_torchdeq`,
+with and without `--xla-defaults`); keeping its reductions then made it
+faster again: 245.5 -> 208.4 ms at batch 10, 29.2 -> 26.8 ms at batch 1
+and 2580 -> 2355 ms at batch 100 (medians of interleaved runs in one
+process; RESULTS.md).
 
 The options only concern the CPU backend and are not part of jaxdeq's API:
 they are XLA debug options, one named `experimental`, and XLA refuses names
@@ -29,7 +34,7 @@ import warnings
 from typing import Optional
 
 CONV_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "",
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
     "xla_cpu_copy_insertion_use_region_analysis": True,
 }
 
