@@ -53,6 +53,43 @@ def median_seconds(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, *, repeats: int, rounds: int = 5,
+                        min_seconds: float = 1.0,
+                        max_calls: int = 200) -> dict:
+  """Median seconds per call of each of `fns`, timed in alternating rounds.
+
+  Each callable (which must return when its work is done) is called once to
+  warm up. Then, in each of `rounds` rounds, every callable is timed for at
+  least ceil(repeats / rounds) calls and min_seconds / rounds seconds (at
+  most max_calls / rounds calls), in the given order in even rounds and the
+  reverse order in odd ones. On a shared machine whose speed drifts by tens
+  of percent within minutes, the libraries compared then see the same
+  drift, which timing one after the other does not give.
+
+  Returns:
+    {name: median of that callable's timed calls}.
+  """
+  if rounds < 1 or repeats < 1:
+    raise ValueError(f"rounds and repeats must be >= 1, got {rounds},"
+                     f" {repeats}")
+  for fn in fns.values():
+    fn()
+  calls = -(-repeats // rounds)
+  cap = max(calls, max_calls // rounds)
+  times = {name: [] for name in fns}
+  names = list(fns)
+  for round_index in range(rounds):
+    for name in (names if round_index % 2 == 0 else names[::-1]):
+      spent, count = 0.0, 0
+      while count < calls or (spent < min_seconds / rounds and count < cap):
+        started = time.perf_counter()
+        fns[name]()
+        elapsed = time.perf_counter() - started
+        times[name].append(elapsed)
+        spent, count = spent + elapsed, count + 1
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def against_target(speedup: float, target) -> str:
   """A table cell saying whether `speedup` meets `target` (None: no target),
   and by how much it falls short."""

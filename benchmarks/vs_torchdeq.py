@@ -1,7 +1,7 @@
 """jaxdeq vs torchdeq on the tutorial's ResNet DEQ cell and the tanh cell.
 
-python -m benchmarks.vs_torchdeq [--batches 1 10 100] [--repeats 5] [--tol 1e-2] [--max-steps 25]
-    [--torch-device cpu|cuda] [--xla-defaults] [--record]
+python -m benchmarks.vs_torchdeq [--batches 1 10 100] [--repeats 5] [--rounds 5]
+    [--tol 1e-2] [--max-steps 25] [--torch-device cpu|cuda] [--xla-defaults] [--record]
 
 Needs `pip install torch==2.13.0 && pip install torchdeq==0.1.0 --no-deps`.
 Same weights (copied from the jaxdeq cell into an equivalent PyTorch module),
@@ -9,7 +9,9 @@ same input, same solver settings: Anderson (m=5, lam=1e-4) forward and an
 implicit backward solved by Anderson, both to relative tolerance `--tol`
 within `--max-steps`. Times are medians after a warm-up (jaxdeq jitted) over
 at least `--repeats` calls and at least a second of calls, for both
-libraries; residuals are the worst per-sample relative residual of the
+libraries, taken in `--rounds` rounds that alternate between the libraries
+(`_results.interleaved_medians`): this host's speed drifts by tens of
+percent within minutes, and both then see the same drift; residuals are the worst per-sample relative residual of the
 returned z*. jaxdeq's ResNet rows are compiled with the XLA:CPU options of
 `experiments.common.xla_cpu.CONV_OPTIONS` (the tanh rows with XLA's
 defaults); `--xla-defaults` compiles them with XLA's defaults too.
@@ -78,28 +80,15 @@ class TorchTanhCell(nn.Module):
     return torch.tanh(z @ self.kernel + x)
 
 
-def median_seconds(fn, repeats, sync=lambda: None, min_seconds=1.0):
-  """Median of at least `repeats` timed calls and of at least `min_seconds`
-  of calls (at most 200), after one warm-up call."""
-  fn()
-  sync()
-  times = []
-  while len(times) < repeats or (sum(times) < min_seconds
-                                 and len(times) < 200):
-    started = time.perf_counter()
-    fn()
-    sync()
-    times.append(time.perf_counter() - started)
-  return statistics.median(times)
-
-
 def worst_residual(fz, z):
   b = z.shape[0]
   num = np.linalg.norm((fz - z).reshape(b, -1), axis=1)
   return float(np.max(num / (np.linalg.norm(fz.reshape(b, -1), axis=1) + 1e-5)))
 
 
-def bench_jaxdeq(cell, x, tol, max_steps, repeats, compiler_options=None):
+def prepare_jaxdeq(cell, x, tol, max_steps, compiler_options=None):
+  """jaxdeq's jitted forward and forward+backward as callables that return
+  when done (compiled and run once here), with their steps and residual."""
   deq = DEQ(cell, jaxdeq.Anderson(tol=tol, max_steps=max_steps, m=5),
             jaxdeq.ImplicitAdjoint())
   graphdef, params, rest = nnx.split(deq, nnx.Param, ...)
@@ -125,17 +114,18 @@ def bench_jaxdeq(cell, x, tol, max_steps, repeats, compiler_options=None):
   z, steps = forward(params, x)
   grads = forward_backward(params, x)
   fz = cell(z, x)
-  t_fwd = median_seconds(lambda: jax.block_until_ready(forward(params, x)),
-                         repeats)
-  t_both = median_seconds(
-      lambda: jax.block_until_ready(forward_backward(params, x)), repeats)
   backward = jaxdeq.BackwardStats.from_probe_grad(grads[2])
-  return dict(fwd=t_fwd, both=t_both, steps=int(steps),
+  return dict(fwd=lambda: jax.block_until_ready(forward(params, x)),
+              both=lambda: jax.block_until_ready(
+                  forward_backward(params, x)),
+              steps=int(steps),
               bsteps=int(backward.num_steps),
               residual=worst_residual(np.asarray(fz), np.asarray(z)))
 
 
-def bench_torchdeq(cell, x, tol, max_steps, repeats, channels_last, device):
+def prepare_torchdeq(cell, x, tol, max_steps, channels_last, device):
+  """torchdeq's forward and forward+backward as callables that return when
+  done, with their steps and residual."""
   from torchdeq import get_deq
 
   cell = cell.to(device)
@@ -169,11 +159,12 @@ def bench_torchdeq(cell, x, tol, max_steps, repeats, channels_last, device):
     return info
 
   z, info = forward()
+  forward_backward()
   with torch.no_grad():
     fz = cell(z, xt)
-  t_fwd = median_seconds(forward, repeats, sync)
-  t_both = median_seconds(forward_backward, repeats, sync)
-  return dict(fwd=t_fwd, both=t_both, steps=int(info["nstep"].max()),
+  synced = lambda fn: lambda: (fn(), sync())
+  return dict(fwd=synced(forward), both=synced(forward_backward),
+              steps=int(info["nstep"].max()),
               bsteps=backward_steps[-1],
               residual=worst_residual(fz.cpu().numpy(), z.cpu().numpy()))
 
@@ -186,6 +177,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100])
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="alternating timing rounds of the two libraries")
   parser.add_argument("--tol", type=float, default=1e-2)
   parser.add_argument("--max-steps", type=int, default=25)
   parser.add_argument("--cells", nargs="+", default=["resnet", "tanh"])
@@ -212,11 +205,18 @@ def main(argv=None) -> None:
         cell = TanhCell(100, rngs=nnx.Rngs(0))
         x = jax.random.normal(key, (batch, 100))
         torch_cell = TorchTanhCell(cell)
-      ours = bench_jaxdeq(cell, x, args.tol, args.max_steps, args.repeats,
-                          conv_options if cell_name == "resnet" else None)
-      theirs = bench_torchdeq(torch_cell, x, args.tol, args.max_steps,
-                              args.repeats, cell_name == "resnet",
-                              args.torch_device)
+      ours = prepare_jaxdeq(cell, x, args.tol, args.max_steps,
+                            conv_options if cell_name == "resnet" else None)
+      theirs = prepare_torchdeq(torch_cell, x, args.tol, args.max_steps,
+                                cell_name == "resnet", args.torch_device)
+      medians = _results.interleaved_medians(
+          {("torchdeq", "fwd"): theirs["fwd"], ("jaxdeq", "fwd"): ours["fwd"],
+           ("torchdeq", "both"): theirs["both"],
+           ("jaxdeq", "both"): ours["both"]},
+          repeats=args.repeats, rounds=args.rounds)
+      for who, timed in (("torchdeq", theirs), ("jaxdeq", ours)):
+        timed["fwd"] = medians[who, "fwd"]
+        timed["both"] = medians[who, "both"]
       label = ("ResNet 48/64 32x32" if cell_name == "resnet"
                else "tanh d=100")
       rows.append([
@@ -240,7 +240,9 @@ def main(argv=None) -> None:
       rows)
   jax_device = jax.devices()[0]
   body += (f"\n\nAnderson m=5, lam=1e-4, tol {args.tol:g} (relative), max"
-           f" {args.max_steps} steps, implicit backward by Anderson; jaxdeq on"
+           f" {args.max_steps} steps, implicit backward by Anderson; times are"
+           f" medians over {args.rounds} rounds alternating between the"
+           " libraries; jaxdeq on"
            f" {jax_device.platform} ({jax_device.device_kind}), torchdeq on"
            f" {args.torch_device} (torch threads ="
            f" {torch.get_num_threads()}); jaxdeq's ResNet rows compiled with "

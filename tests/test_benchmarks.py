@@ -49,3 +49,19 @@ def test_unrolled_floor_agrees_with_the_hand_written_gradient():
       "| hand-written, folded parameter gradient",
       "| jaxdeq UnrolledAdjoint (default budget)"]
   assert digest(RESULTS) == before
+
+
+def test_interleaved_medians_alternate_the_callables_round_by_round():
+  import pytest
+  from benchmarks import _results
+
+  calls = []
+  fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+  medians = _results.interleaved_medians(fns, repeats=4, rounds=2,
+                                         min_seconds=0.0)
+  # Warm-ups, then round 0 in order and round 1 reversed, 2 calls each.
+  assert "".join(calls) == "ab" + "aabb" + "bbaa"
+  assert set(medians) == {"a", "b"}
+  assert all(m >= 0 for m in medians.values())
+  with pytest.raises(ValueError, match="rounds and repeats"):
+    _results.interleaved_medians(fns, repeats=1, rounds=0)
