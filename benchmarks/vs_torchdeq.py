@@ -11,8 +11,9 @@ within `--max-steps`. Times are medians after a warm-up (jaxdeq jitted) over
 at least `--repeats` calls and at least a second of calls, for both
 libraries, taken in `--rounds` rounds that alternate between the libraries
 (`_results.interleaved_medians`): this host's speed drifts by tens of
-percent within minutes, and both then see the same drift; residuals are the worst per-sample relative residual of the
-returned z*. jaxdeq's ResNet rows are compiled with the XLA:CPU options of
+percent within minutes, and both then see the same drift. Residuals are the
+worst per-sample relative residual of the returned z*. jaxdeq's ResNet rows
+are compiled with the XLA:CPU options of
 `experiments.common.xla_cpu.CONV_OPTIONS` (the tanh rows with XLA's
 defaults); `--xla-defaults` compiles them with XLA's defaults too.
 jaxdeq runs on JAX's default device; on a GPU machine (jaxlib with CUDA and a
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
