@@ -43,7 +43,8 @@ def _matmul_ops(hlo_text: str) -> set[str]:
   return ops
 
 
-def op_profile(run, hlo_text: str, module_prefix: str, steps: int) -> dict:
+def op_profile(run, hlo_text: str, module_prefix: str, steps: int,
+               top: int = 12) -> dict:
   """Traces `run()` (which makes `steps` calls of the jitted function whose
   compiled HLO is `hlo_text` and module name starts with `module_prefix`)
   and sums its XLA ops, per call.
@@ -100,6 +101,6 @@ def op_profile(run, hlo_text: str, module_prefix: str, steps: int) -> dict:
       uncovered=profiled_ms - per_step(covered),
       loops=[(n, per_step(us)) for n, us in top_loops.most_common()],
       top=[(n, per_step(us), calls[n] / steps, us / calls[n],
-            n in matmuls) for n, us in leaf.most_common(12)])
+            n in matmuls) for n, us in leaf.most_common(top)])
 
 

@@ -44,7 +44,8 @@ def _train_step(graphdef, state, x, y, learning_rate=0.1, skip_norm=100.0):
   return nnx.state(model), loss
 
 
-def profile_layer(layer: str, dataset, warmup: int, steps: int) -> dict:
+def profile_layer(layer: str, dataset, warmup: int, steps: int,
+                  top: int = 12) -> dict:
   model = models.make_model(layer, nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   images = jnp.asarray(dataset.train_images.reshape(
@@ -80,7 +81,7 @@ def profile_layer(layer: str, dataset, warmup: int, steps: int) -> dict:
       state, loss = step(graphdef, state, x, y)
     return loss
 
-  profile = _profile.op_profile(run, hlo, "jit__train_step", steps)
+  profile = _profile.op_profile(run, hlo, "jit__train_step", steps, top=top)
   return dict(layer=layer, wall_ms=wall_ms, solver_steps=solver_steps,
               **profile)
 

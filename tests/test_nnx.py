@@ -29,6 +29,27 @@ def test_tanh_cell_jacobian_is_exact(x64):
                               atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(3, 6), (6,), (2, 3, 6)])
+def test_tanh_cell_derivatives_match_finite_differences(x64, shape):
+  # The cell's product has its own JVP rule (a row-major kernel cotangent):
+  # both modes, second order, any leading axes.
+  cell = TanhCell(6, rngs=nnx.Rngs(1), param_dtype=jnp.float64)
+  key_z, key_x = jax.random.split(jax.random.key(0))
+  z = jax.random.normal(key_z, shape, jnp.float64)
+  x = jax.random.normal(key_x, shape, jnp.float64)
+  graphdef, state = nnx.split(cell)  # one leaf: the kernel
+  kernel = cell.kernel[...]
+
+  def f(z, kernel, x):
+    return nnx.merge(graphdef, jax.tree.map(lambda _: kernel, state))(z, x)
+
+  check_grads(f, (z, kernel, x), order=2, modes=("fwd", "rev"))
+  g = jax.random.normal(jax.random.key(2), shape, jnp.float64)
+  ours = jax.vjp(f, z, kernel, x)[1](g)
+  stock = jax.vjp(lambda z, k, x: jnp.tanh(z @ k + x), z, kernel, x)[1](g)
+  chex.assert_trees_all_close(ours, stock, atol=1e-12)
+
+
 def test_conv_custom_vjp_matches_stock_gradient(x64):
   key_x, key_k, key_g = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(key_x, (2, 6, 5, 3), jnp.float64)

@@ -8,8 +8,41 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 from jaxdeq._src.nnx.conv import conv2d_same
+
+
+@jax.custom_jvp
+def _matmul(z: jax.Array, kernel: jax.Array) -> jax.Array:
+  """z @ kernel, whose kernel cotangent is a row-major product.
+
+  JAX differentiates z @ W into z^T g for W's cotangent: a product that
+  contracts z's leading (batch) axis, which XLA:CPU's YNNPACK declines and
+  Eigen runs 1.3-2x slower at 100 x 100. The rule below keeps z^T as the
+  residual instead, so the reverse pass reads it row-major. Interleaved A/B
+  of the fixed_point MNIST training step: 1.05-1.06x faster (RESULTS.md).
+  """
+  return z @ kernel
+
+
+def _matmul_jvp(primals, tangents):
+  z, kernel = primals
+  dz, dkernel = tangents
+  out = z @ kernel
+  parts = []
+  if not isinstance(dz, SymbolicZero):
+    parts.append(dz @ kernel)
+  if not isinstance(dkernel, SymbolicZero):
+    z_t = z.reshape(-1, z.shape[-1]).T
+    parts.append(jax.lax.dot_general(
+        z_t, dkernel, (((0,), (0,)), ((), ()))).reshape(out.shape))
+  if not parts:
+    return out, jnp.zeros_like(out)
+  return out, sum(parts[1:], parts[0])
+
+
+_matmul.defjvp(_matmul_jvp, symbolic_zeros=True)
 
 
 class TanhCell(nnx.Module):
@@ -17,7 +50,9 @@ class TanhCell(nnx.Module):
 
   W is initialised as PyTorch's `nn.Linear` is, U(+-1/sqrt(features)). The
   cell offers `residual_jacobian`, the closed-form Jacobian of
-  g(z) = z - f(z) that `Newton` uses.
+  g(z) = z - f(z) that `Newton` uses. Its product zW has a JVP rule of its
+  own (forward, reverse and higher-order autodiff all go through it) that
+  keeps z^T for W's cotangent, a product XLA:CPU runs faster row-major.
 
   Args:
     features: width of z and x.
@@ -44,7 +79,7 @@ class TanhCell(nnx.Module):
         rngs.params(), (features, features), param_dtype, -bound, bound))
 
   def __call__(self, z: jax.Array, x: jax.Array) -> jax.Array:
-    return jnp.tanh(z @ self.kernel[...].astype(z.dtype) + x)
+    return jnp.tanh(_matmul(z, self.kernel[...].astype(z.dtype)) + x)
 
   def residual_jacobian(self, z: jax.Array, x: jax.Array) -> jax.Array:
     """Jacobian of g(z) = z - f(z, x): I - diag(sech^2(zW + x)) W^T.
