@@ -155,6 +155,25 @@ def test_tutorial_layers_train_under_nnx_jit(name):
   assert float(stats.max_residual) <= 1e-4
 
 
+@pytest.mark.parametrize("adjoint", [jaxdeq.ImplicitAdjoint(),
+                                     jaxdeq.UnrolledAdjoint()])
+def test_deq_on_an_empty_batch(adjoint):
+  # A batch with no samples (say, what a filter left of one) is answered at
+  # once, with NaN summaries, not a reduction error.
+  deq = DEQ(TanhCell(4, rngs=nnx.Rngs(0)), jaxdeq.FixedPointIteration(
+      tol=1e-5, max_steps=30), adjoint)
+  x = jnp.zeros((0, 4))
+  chex.assert_shape(deq(x), (0, 4))
+  stats = deq.stats.get_value()
+  assert int(stats.num_steps) == 0
+  assert int(stats.status) == jaxdeq.Status.SUCCESSFUL
+  assert np.isnan(float(stats.mean_steps)) and np.isnan(
+      float(stats.max_residual))
+  chex.assert_shape(stats.trace, (30,))
+  grads = jax.grad(lambda x: deq(x).sum())(x)
+  chex.assert_shape(grads, (0, 4))
+
+
 def test_deq_backward_probe_inside_nnx_grad():
   rngs = nnx.Rngs(0)
   deq = DEQ(TanhCell(16, rngs=rngs), jaxdeq.Anderson(tol=1e-5, max_steps=50))

@@ -54,6 +54,9 @@ class DEQStats(NamedTuple):
                 rows: Optional[int] = None) -> "DEQStats":
     """The summary; `rows` pads (NaN) or cuts the trace to a fixed length."""
     f32 = lambda v: v.astype(jnp.float32)
+    if stats.residual.shape[0] == 0:  # an empty batch: nothing to average
+      summary = cls.empty(rows if rows is not None else stats.trace.shape[0])
+      return summary._replace(num_steps=stats.num_steps, status=stats.status)
     trace = f32(jnp.max(stats.trace, axis=1))
     if rows is not None and rows != trace.shape[0]:
       trace = jnp.concatenate(
