@@ -1,5 +1,7 @@
 """Flax NNX cells and the DEQ module."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -336,3 +338,108 @@ def test_deq_eager_calls_reuse_one_compilation():
   for scale in (0.5, 2.0):
     deq(scale * x)
   assert fixed_point_lib._jitted_entry._cache_size() == before
+
+
+# ------------------------------------------------------------ compaction ---
+
+
+def _spread_inputs(batch=40, width=12, dtype=jnp.float64):
+  # Inputs of growing size: samples converge after quite different numbers
+  # of steps, so that the compacted phases have work to move.
+  scale = jnp.linspace(0.1, 3.0, batch, dtype=dtype)[:, None]
+  return jax.random.normal(jax.random.key(1), (batch, width), dtype) * scale
+
+
+def test_compact_phase_sizes():
+  from jaxdeq._src.nnx.deq import _phase_sizes
+  assert _phase_sizes(100) == [100, 50, 25, 13]
+  assert _phase_sizes(15) == [15, 8]
+  assert _phase_sizes(8) == [8]
+
+
+@pytest.mark.parametrize("adjoint", [jaxdeq.UnrolledAdjoint(),
+                                     jaxdeq.ImplicitAdjoint()])
+def test_compact_gives_the_one_solve_results(x64, adjoint):
+  # Fixed-point iteration restarted from the best (here: the last) iterate
+  # follows the same trajectory: same values, stats and gradients.
+  cell = TanhCell(12, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+  solver = jaxdeq.FixedPointIteration(tol=1e-8, max_steps=200)
+  one = DEQ(cell, solver, adjoint)
+  compact = DEQ(cell, solver, adjoint, compact=True)
+  x = _spread_inputs()
+  a, b = one.solve(x), compact.solve(x)
+  chex.assert_trees_all_close(a.value, b.value, atol=1e-12)
+  for field in ("num_steps", "sample_steps", "best_step", "converged",
+                "status"):
+    np.testing.assert_array_equal(getattr(a.stats, field),
+                                  getattr(b.stats, field), err_msg=field)
+  np.testing.assert_allclose(a.stats.trace, b.stats.trace, atol=1e-12)
+  assert int(b.stats.num_steps) > 30  # the later phases took steps
+
+  def grads(deq):
+    return nnx.grad(lambda deq, x: jnp.sum(deq(x) ** 2), argnums=(0, 1))(
+        deq, x)
+
+  (model_a, x_a), (model_b, x_b) = grads(one), grads(compact)
+  chex.assert_trees_all_close(x_a, x_b, atol=1e-10)
+  chex.assert_trees_all_close(model_a.cell.kernel[...],
+                              model_b.cell.kernel[...], atol=1e-10)
+  chex.assert_trees_all_close(one.stats.get_value(), compact.stats.get_value())
+
+
+def test_compact_with_anderson_and_a_step_budget(x64):
+  cell = TanhCell(12, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+  solver = jaxdeq.Anderson(tol=1e-8, max_steps=100)
+  one, compact = DEQ(cell, solver), DEQ(cell, solver, compact=True)
+  x = _spread_inputs()
+  sol = compact.solve(x)
+  assert bool(jnp.all(sol.stats.converged))
+  chex.assert_trees_all_close(sol.value, one(x), atol=1e-6)
+  loss = lambda deq, x: jnp.sum(deq(x) ** 2)
+  chex.assert_trees_all_close(jax.grad(lambda x: loss(compact, x))(x),
+                              jax.grad(lambda x: loss(one, x))(x), rtol=1e-5)
+
+  @nnx.jit
+  def capped(deq, x, budget):
+    return deq.solve(x, max_steps=budget).stats
+
+  for budget in (3, 12):
+    stats = capped(compact, x, jnp.asarray(budget))
+    assert int(stats.num_steps) == budget
+    assert int(jnp.max(stats.sample_steps)) <= budget
+
+
+def test_compact_refuses_what_it_cannot_keep():
+  rngs = nnx.Rngs(0)
+  with pytest.raises(TypeError, match="compact must be a bool"):
+    DEQ(TanhCell(4, rngs=rngs), compact="yes")
+  with pytest.raises(ValueError, match="record_steps"):
+    DEQ(TanhCell(4, rngs=rngs), record_steps=(2,), compact=True)
+  with pytest.raises(ValueError, match="throw"):
+    DEQ(TanhCell(4, rngs=rngs), throw=True, compact=True)
+
+  class DroppedCell(nnx.Module):
+    def __init__(self):
+      self.inner = TanhCell(4, rngs=rngs)
+      self.drop = jaxdeq.nnx.VariationalDropout(0.1, rngs=rngs)
+
+    def __call__(self, z, x):
+      return self.drop(self.inner(z, x))
+
+  with pytest.raises(ValueError, match="VariationalDropout"):
+    DEQ(DroppedCell(), compact=True)
+  with pytest.raises(ValueError, match="stop_active"):
+    jaxdeq.FixedPointIteration(stop_active=-1)
+
+
+def test_stop_active_ends_the_loop_early():
+  x = _spread_inputs(dtype=jnp.float32)
+  solver = jaxdeq.FixedPointIteration(tol=1e-5, max_steps=200)
+  f = lambda z, x: jnp.tanh(0.5 * z + x)
+  full = jaxdeq.fixed_point(f, jnp.zeros_like(x), x, solver=solver)
+  early = jaxdeq.fixed_point(
+      f, jnp.zeros_like(x), x,
+      solver=dataclasses.replace(solver, stop_active=10))
+  still_going = int(jnp.sum(~early.stats.converged))
+  assert 0 < still_going <= 10
+  assert int(early.stats.num_steps) < int(full.stats.num_steps)

@@ -314,6 +314,10 @@ def _linear_solve(linear_solver, operator, rhs, jacobian, x0=None):
   """
   if isinstance(linear_solver, linear_solve.GMRES):
     return linear_solver.solve(operator, rhs)
+  if linear_solver.stop_active:
+    # A compacted forward phase's early stop is no rule for its backward:
+    # every sample's linear system is solved.
+    linear_solver = dataclasses.replace(linear_solver, stop_active=0)
   linear_map = base.Map(
       lambda x, b: x - operator(x) + b,
       None if jacobian is None else lambda x, b: jacobian)

@@ -244,7 +244,10 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
   record_at = jnp.asarray(record_steps, jnp.int32)
 
   def cond(carry: _Carry):
-    return (carry.step < limit) & ~jnp.all(carry.iterate.done)
+    running = (carry.step < limit) & ~jnp.all(carry.iterate.done)
+    if solver.stop_active:
+      running &= jnp.sum(~carry.iterate.done) > solver.stop_active
+    return running
 
   def body(carry: _Carry) -> _Carry:
     step, it, trace, checkpoints, tape, recorded = carry

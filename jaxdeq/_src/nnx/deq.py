@@ -130,6 +130,16 @@ class DEQ(nnx.Module):
     normalization: None, "weight" or "spectral": normalise the cell's
       kernels once per solve (`CellNormalization`), outside the solver loop.
     rngs: `nnx.Rngs` for the penalty's probes and spectral normalisation.
+    compact: solve in phases on shrinking batches: once half of a phase's
+      samples are done, the rest move into a batch half as large (down to
+      8 rows), so the samples that converge early stop costing the slow
+      ones' steps. Samples must not interact inside the cell (they do not
+      in any cell of jaxdeq.nnx). Each phase restarts the solver from each
+      remaining sample's best iterate (a stateless `FixedPointIteration`
+      then follows the same trajectory; `Anderson` starts a new history).
+      The adjoint differentiates every phase, so gradients are those of the
+      iterates computed. Not with `record_steps`, `throw` or a
+      `VariationalDropout` in the cell (its mask depends on the batch).
 
   In training mode (the default; `model.eval()` sets `deterministic`), a
   `VariationalDropout` inside the cell draws one mask per solve.
@@ -166,7 +176,8 @@ class DEQ(nnx.Module):
                record_steps: tuple[int, ...] = (),
                jacobian_penalty: bool = False, penalty_probes: int = 1,
                normalization: Optional[str] = None,
-               rngs: Optional[nnx.Rngs] = None):
+               rngs: Optional[nnx.Rngs] = None,
+               compact: bool = False):
     solver = anderson.Anderson() if solver is None else solver
     adjoint = adjoint_lib.ImplicitAdjoint() if adjoint is None else adjoint
     if not isinstance(solver, base.FixedPointSolver):
@@ -195,6 +206,18 @@ class DEQ(nnx.Module):
       self.eval_solver = dataclasses.replace(solver, max_steps=eval_max_steps)
     self.record_steps = fixed_point_lib._check_record_steps(record_steps,
                                                             adjoint)
+    if not isinstance(compact, bool):
+      raise TypeError(f"DEQ: compact must be a bool, got {compact!r}")
+    if compact:
+      clash = [name for name, on in (
+          ("record_steps", bool(self.record_steps)), ("throw", bool(throw)),
+          ("a VariationalDropout in the cell", any(
+              isinstance(m, stabilizers.VariationalDropout)
+              for _, m in nnx.iter_graph(cell)))) if on]
+      if clash:
+        raise ValueError(f"DEQ: compact=True does not combine with"
+                         f" {', '.join(clash)}")
+    self.compact = compact
     if not isinstance(jacobian_penalty, bool):
       raise TypeError(f"DEQ: jacobian_penalty must be a bool, got"
                       f" {jacobian_penalty!r}")
@@ -312,14 +335,19 @@ class DEQ(nnx.Module):
     cell_map, cell_state = self._cell_map(update=training)
     if z0 is None:
       z0 = self.initial_state(x)
-    sol = fixed_point_lib.fixed_point(
-        cell_map, z0, (cell_state, x),
-        solver=self.solver if training else self.eval_solver,
-        adjoint=self.adjoint, throw=self.throw,
-        backward_probe=(self.backward_probe[...]
-                        if hasattr(self.adjoint, "solve_with_probe") else None),
-        max_steps=max_steps,
-        record_steps=self.record_steps if training else ())
+    solver = self.solver if training else self.eval_solver
+    probe = (self.backward_probe[...]
+             if hasattr(self.adjoint, "solve_with_probe") else None)
+    sizes = _phase_sizes(_batch_size(z0)) if self.compact else [None]
+    if len(sizes) > 1:
+      sol = _compacted_solve(cell_map, z0, cell_state, x, solver,
+                             self.adjoint, probe, max_steps, sizes)
+    else:
+      sol = fixed_point_lib.fixed_point(
+          cell_map, z0, (cell_state, x), solver=solver,
+          adjoint=self.adjoint, throw=self.throw, backward_probe=probe,
+          max_steps=max_steps,
+          record_steps=self.record_steps if training else ())
     _record(self.stats, DEQStats.summarize(sol.stats, self.trace_rows))
     if training and self.jacobian_penalty:
       _record(self.penalty, _mean_penalty(
@@ -331,6 +359,102 @@ class DEQ(nnx.Module):
           lambda v: jnp.where(base.per_sample(converged, v), v, 0),
           sol.value))
     return sol
+
+
+_MIN_PHASE_BATCH = 8
+
+
+def _batch_size(z: Any) -> int:
+  return jax.tree.leaves(z)[0].shape[0]
+
+
+def _phase_sizes(batch: int) -> list[int]:
+  """Batch sizes of `DEQ(compact=True)`'s phases: halving, >= 8 rows."""
+  sizes = [batch]
+  while -(-sizes[-1] // 2) >= _MIN_PHASE_BATCH:
+    sizes.append(-(-sizes[-1] // 2))
+  return sizes
+
+
+def _compacted_solve(f, z0, cell_state, x, solver, adjoint, probe,
+                     max_steps, sizes) -> solution_lib.Solution:
+  """`DEQ(compact=True)`'s solve: phases on batches of `sizes` rows.
+
+  Phase k stops once at most sizes[k + 1] of its samples are still
+  iterating; those (padded with done samples, which converge at once and
+  are not written back) start phase k + 1 from their best iterates. Each
+  phase is an ordinary differentiable solve; gathers and scatters join
+  them, so autodiff chains the adjoints. Stats are merged per sample; the
+  trace holds each sample's residual after every global step.
+  """
+  batch = sizes[0]
+  cap = jnp.asarray(solver.max_steps, jnp.int32)
+  total = cap if max_steps is None else jnp.clip(
+      jnp.asarray(max_steps, jnp.int32), 0, cap)
+  rows = jnp.arange(batch, dtype=jnp.int32)  # each row's original sample
+  keep = jnp.ones((batch,), bool)  # rows whose results are written back
+  start, inputs = z0, x
+  steps = jnp.zeros((), jnp.int32)
+  value = stats = None
+  for k, size in enumerate(sizes):
+    last = k == len(sizes) - 1
+    phase_solver = (solver if last else
+                    dataclasses.replace(solver, stop_active=sizes[k + 1]))
+    phase_adjoint = adjoint
+    if isinstance(adjoint, adjoint_lib.UnrolledAdjoint):
+      # The phases share the tape budget in proportion to their batches (as
+      # many rows each): the tapes together stay within it, and a tape's
+      # zero-fill at every call costs its bytes.
+      phase_adjoint = dataclasses.replace(
+          adjoint, memory_budget=adjoint.memory_budget * size // sum(sizes))
+    sol = fixed_point_lib.fixed_point(
+        f, start, (cell_state, inputs), solver=phase_solver,
+        adjoint=phase_adjoint, backward_probe=probe if k == 0 else None,
+        max_steps=total - steps)
+    if value is None:
+      value, stats = sol.value, sol.stats
+    else:
+      value, stats = _merge_phase(value, stats, sol, rows, keep, steps)
+    steps = steps + sol.stats.num_steps
+    if not last:
+      going = ~sol.stats.converged & jnp.isfinite(sol.stats.residual)
+      order = jnp.argsort(~going, stable=True)[:sizes[k + 1]]
+      keep, rows = going[order], rows[order]
+      start = jax.tree.map(lambda v: v[order], sol.value)
+      inputs = jax.tree.map(lambda v: v[order], inputs)
+  nonfinite = ~jnp.isfinite(stats.residual)
+  stats = stats._replace(
+      num_steps=steps,
+      status=solution_lib.batch_status(stats.converged, nonfinite))
+  return solution_lib.Solution(value, stats)
+
+
+def _merge_phase(value, stats, sol, rows, keep, offset):
+  """Writes a phase's results for rows `rows` (where `keep`) into the
+  whole batch's, its trace shifted by `offset` global steps."""
+
+  def put(whole, part):
+    mask = keep.reshape(keep.shape + (1,) * (part.ndim - 1))
+    return whole.at[rows].set(jnp.where(mask, part, whole[rows]))
+
+  new = sol.stats
+  value = jax.tree.map(put, value, sol.value)
+  length = stats.trace.shape[0]
+  step = jnp.arange(length, dtype=jnp.int32)
+  # Samples not in the phase keep their frozen residual over its steps, as
+  # in one solve; the phase's own rows come from its trace.
+  window = (step >= offset) & (step < offset + new.num_steps)
+  trace = jnp.where(window[:, None], stats.residual[None, :], stats.trace)
+  shifted = new.trace[jnp.clip(step - offset, 0, length - 1)]
+  trace = trace.at[:, rows].set(jnp.where(
+      window[:, None] & keep[None, :], shifted, trace[:, rows]))
+  return value, stats._replace(
+      residual=put(stats.residual, new.residual),
+      converged=put(stats.converged, new.converged),
+      trace=trace,
+      sample_steps=stats.sample_steps.at[rows].add(
+          jnp.where(keep, new.sample_steps, 0)),
+      best_step=put(stats.best_step, offset + new.best_step))
 
 
 def _mean_penalty(cell_map, cell_state, x, z, key, num_probes) -> jax.Array:

@@ -52,17 +52,23 @@ class FixedPointSolver:
     relative: residual ||f(z) - z|| / (||f(z)|| + eps) when True (the default),
       the absolute ||f(z) - z|| when False.
     eps: guards the relative residual against ||f(z)|| = 0.
+    stop_active: end the solve once at most this many samples are still
+      iterating (0, the default: once all are done). `DEQ(compact=True)`
+      sets it for the phases after which it moves the remaining samples
+      into a smaller batch.
   """
 
   tol: float = 1e-4
   max_steps: int = 50
   relative: bool = dataclasses.field(default=True, kw_only=True)
   eps: float = dataclasses.field(default=1e-5, kw_only=True)
+  stop_active: int = dataclasses.field(default=0, kw_only=True, repr=False)
 
   def __post_init__(self):
     check_number(self, "tol", positive=True)
     check_int(self, "max_steps", minimum=1)
     check_number(self, "eps", positive=False)
+    check_int(self, "stop_active", minimum=0)
     if not isinstance(self.relative, bool):
       raise TypeError(
           f"{type(self).__name__}: relative must be a bool, got"
