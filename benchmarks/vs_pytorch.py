@@ -2,13 +2,16 @@
 
 python -m benchmarks.vs_pytorch [--epochs 2] [--layers fixed_point newton
     newton_implicit newton_dense newton_implicit_dense] [--data-dir DIR]
-    [--limit-train N] [--seed S] [--record]
+    [--limit-train N] [--seed S] [--rounds 1] [--record]
 
 Needs `pip install torch==2.13.0` next to jaxdeq (benchmark-only). For each
 layer, the PyTorch reference and jaxdeq train the same model from the same
 initial weights on the same batches (jaxdeq's init and shuffle copied into
 torch) on Fashion-MNIST, one after the other (the order alternates between
 layers); the table reports the last epoch (after warm-up and compilation).
+This host's speed drifts by tens of percent within minutes: `--rounds N`
+trains each pair N times, alternating which goes first, and reports the
+median times and the median of the rounds' speed-ups.
 jaxdeq's `newton` and `newton_implicit` layers solve each Newton system by
 matrix-free GMRES, its `*_dense` layers by LU as the tutorial does; both are
 compared with the tutorial's (dense) layer, run again for each row.
@@ -68,7 +71,10 @@ def fixed_point_gflop(row: dict, n_train: int, batch: int = 100) -> float:
   Per solver step one (batch x 100) @ (100 x 100) matmul forward; the
   checkpointed unrolled backward replays it and backpropagates it (two more
   matmuls); the two linear layers cost 3 matmuls each (forward + 2 backward).
-  Elementwise work is ignored, so this undercounts.
+  Elementwise work is ignored, so this undercounts. The whole batch is
+  counted at every step, as one solve computes it: the experiments' layer
+  solves in compacted phases (`DEQ(compact=True)`) and multiplies fewer
+  rows, so for it the figure is the uncompacted equivalent.
   """
   batches = n_train // batch
   per_step = 2 * batch * 100 * 100
@@ -120,6 +126,30 @@ def inner_solve(layer: str) -> str:
   return {"gmres": "GMRES", "dense": "LU"}.get(kind, "-")
 
 
+def _train_pair(layer: str, dataset, args, weights, orders,
+                first_torch: bool) -> dict:
+  """{"torch": epochs, "jaxdeq": epochs} of one round of `layer`."""
+  unrolled_newton = layer in mnist_models.UNROLLED_NEWTON_SKIP_GRAD_NORM
+  skip_grad_norm = (args.skip_grad_norm
+                    if unrolled_newton and args.skip_grad_norm > 0 else None)
+  runs = {}
+  for who in (("torch", "jaxdeq") if first_torch else ("jaxdeq", "torch")):
+    if who == "torch":
+      # The tutorial has one (dense) layer per kind: `newton_dense` and
+      # `newton` are both compared with its `newton`.
+      runs[who] = torch_reference.train(layer.removesuffix("_dense"),
+                                        dataset, args.epochs,
+                                        weights=weights, orders=orders)
+    else:
+      config = training.Config(dataset="fashion_mnist",
+                               data_dir=args.data_dir, epochs=args.epochs,
+                               limit_train=args.limit_train, seed=args.seed,
+                               progress=False, skip_grad_norm=skip_grad_norm)
+      runs[who] = mnist_train.train_and_evaluate(config, layer)
+    print(layer, who, runs[who][-1], flush=True)
+  return runs
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--epochs", type=int, default=2)
@@ -132,41 +162,28 @@ def main(argv=None) -> None:
   parser.add_argument("--skip-grad-norm", type=float, default=100.0,
                       help="jaxdeq's unrolled Newton layers also undo updates"
                       " whose gradient norm exceeds this (0: NaN guard only)")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="train each layer's pair this many times,"
+                      " alternating which goes first; report medians")
   parser.add_argument("--record", action="store_true",
                       help="append the table to benchmarks/RESULTS.md")
   args = parser.parse_args(argv)
+  if args.rounds < 1:
+    parser.error(f"--rounds must be >= 1, got {args.rounds}")
   dataset = data.load("fashion_mnist", args.data_dir).limit(
       args.limit_train, None)
   peak = peak_matmul_gflops()
 
-  def skip_grad_norm(layer):
-    unrolled_newton = layer in mnist_models.UNROLLED_NEWTON_SKIP_GRAD_NORM
-    return (args.skip_grad_norm
-            if unrolled_newton and args.skip_grad_norm > 0 else None)
-
   rows = []
   for i, layer in enumerate(args.layers):
-    runs = {}
     weights, orders = jaxdeq_start(layer, args.seed,
                                    len(dataset.train_images), args.epochs)
-    order = ("torch", "jaxdeq") if i % 2 == 0 else ("jaxdeq", "torch")
-    for who in order:
-      if who == "torch":
-        # The tutorial has one (dense) layer per kind: `newton_dense` and
-        # `newton` are both compared with its `newton`.
-        runs[who] = torch_reference.train(layer.removesuffix("_dense"),
-                                          dataset, args.epochs,
-                                          weights=weights, orders=orders)
-      else:
-        config = training.Config(dataset="fashion_mnist",
-                                 data_dir=args.data_dir, epochs=args.epochs,
-                                 limit_train=args.limit_train, seed=args.seed,
-                                 progress=False,
-                                 skip_grad_norm=skip_grad_norm(layer))
-        runs[who] = mnist_train.train_and_evaluate(
-            config, layer)
-      print(layer, who, runs[who][-1], flush=True)
-    t, j = last_epoch(runs["torch"]), last_epoch(runs["jaxdeq"])
+    rounds = [_train_pair(layer, dataset, args, weights, orders,
+                          first_torch=(i + r) % 2 == 0)
+              for r in range(args.rounds)]
+    t, j = (dict(last_epoch(rounds[-1][who]), train_seconds=float(np.median(
+        [last_epoch(r[who])["train_seconds"] for r in rounds])))
+            for who in ("torch", "jaxdeq"))
     gflops = ""
     if layer == "fixed_point":
       gflop = fixed_point_gflop(j, len(dataset.train_images))
@@ -174,7 +191,9 @@ def main(argv=None) -> None:
     elif inner_solve(layer) == "LU":
       gflop = dense_newton_gflop(layer, j, len(dataset.train_images))
       gflops = f">= {gflop / j['train_seconds']:.1f} / {peak:.0f} (LU only)"
-    speedup = t["train_seconds"] / j["train_seconds"]
+    speedup = float(np.median([
+        last_epoch(r["torch"])["train_seconds"]
+        / last_epoch(r["jaxdeq"])["train_seconds"] for r in rounds]))
     rows.append([
         layer, inner_solve(layer), f"{t['train_seconds']:.2f}",
         f"{j['train_seconds']:.2f}", f"{speedup:.2f}x",
@@ -182,11 +201,14 @@ def main(argv=None) -> None:
         f"{t['forward_steps']:.1f}", f"{j['forward_steps']:.1f}",
         f"{t['test_error']:.4f}", f"{j['test_error']:.4f}",
         f"{t['skipped_steps']} / {j['skipped_steps']}", gflops])
+  median = (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
   body = _results.markdown_table(
       [f"layer (Fashion-MNIST, epoch {args.epochs})",
        "jaxdeq inner solve (PyTorch: LU)",
-       "PyTorch s/epoch (best of epochs 2+)", "jaxdeq s/epoch (same)",
-       "speed-up", "target", "PyTorch steps/batch",
+       f"PyTorch s/epoch (best of epochs 2+{median})",
+       "jaxdeq s/epoch (same)",
+       "speed-up" + (" (median of the rounds')" if median else ""),
+       "target", "PyTorch steps/batch",
        "jaxdeq steps/batch", "PyTorch test err", "jaxdeq test err",
        "skipped updates PyTorch / jaxdeq", "jaxdeq GFLOP/s / peak matmul"],
       rows)
@@ -203,7 +225,10 @@ def main(argv=None) -> None:
            " NaN gradients on wandering Newton iterates); jaxdeq's Jacobian"
            " (1 - tanh^2) stays finite there, so its unrolled Newton layers"
            f" also undo updates with gradient norm > {args.skip_grad_norm:g}"
-           " (`--skip-grad-norm`; normal norms are ~1). Where fixed_point"
+           " (`--skip-grad-norm`; normal norms are ~1). jaxdeq's fixed_point"
+           " layer solves in compacted phases (`DEQ(compact=True)`: the same"
+           " iterates; its GFLOP/s counts the whole batch at every step, as"
+           " one solve would). Where fixed_point"
            " misses its target: `python -m benchmarks.unrolled_floor` and"
            " `python -m benchmarks.profile_mnist` say where the time goes.")
   _results.report(body, record=args.record, module="vs_pytorch", argv=argv,

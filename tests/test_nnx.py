@@ -343,7 +343,7 @@ def test_deq_eager_calls_reuse_one_compilation():
 # ------------------------------------------------------------ compaction ---
 
 
-def _spread_inputs(batch=40, width=12, dtype=jnp.float64):
+def _spread_inputs(batch=64, width=12, dtype=jnp.float64):
   # Inputs of growing size: samples converge after quite different numbers
   # of steps, so that the compacted phases have work to move.
   scale = jnp.linspace(0.1, 3.0, batch, dtype=dtype)[:, None]
@@ -352,9 +352,10 @@ def _spread_inputs(batch=40, width=12, dtype=jnp.float64):
 
 def test_compact_phase_sizes():
   from jaxdeq._src.nnx.deq import _phase_sizes
-  assert _phase_sizes(100) == [100, 50, 25, 13]
-  assert _phase_sizes(15) == [15, 8]
-  assert _phase_sizes(8) == [8]
+  assert _phase_sizes(100) == [100, 50, 25]
+  assert _phase_sizes(64) == [64, 32, 16]
+  assert _phase_sizes(31) == [31, 16]
+  assert _phase_sizes(30) == [30]
 
 
 @pytest.mark.parametrize("adjoint", [jaxdeq.UnrolledAdjoint(),

@@ -19,7 +19,7 @@ from jaxdeq.nnx import DEQ, TanhCell
 # closed-form Jacobian). The fixed_point layer solves in compacted phases
 # (`DEQ(compact=True)`: the same iterates and gradients; its samples take
 # 14.6 steps on average against the batch's 28, and the training step ran
-# 1.20x faster, RESULTS.md).
+# 1.2-1.3x faster, RESULTS.md).
 _NEWTON_GMRES = jaxdeq.Newton(tol=1e-4, max_steps=40, linear_solver="gmres",
                               gmres_tol=1e-3, gmres_krylov_dim=10)
 _NEWTON_DENSE = jaxdeq.Newton(tol=1e-4, max_steps=40)

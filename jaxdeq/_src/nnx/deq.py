@@ -132,7 +132,7 @@ class DEQ(nnx.Module):
     rngs: `nnx.Rngs` for the penalty's probes and spectral normalisation.
     compact: solve in phases on shrinking batches: once half of a phase's
       samples are done, the rest move into a batch half as large (down to
-      8 rows), so the samples that converge early stop costing the slow
+      16 rows), so the samples that converge early stop costing the slow
       ones' steps. Samples must not interact inside the cell (they do not
       in any cell of jaxdeq.nnx). Each phase restarts the solver from each
       remaining sample's best iterate (a stateless `FixedPointIteration`
@@ -361,7 +361,7 @@ class DEQ(nnx.Module):
     return sol
 
 
-_MIN_PHASE_BATCH = 8
+_MIN_PHASE_BATCH = 16
 
 
 def _batch_size(z: Any) -> int:
@@ -369,7 +369,7 @@ def _batch_size(z: Any) -> int:
 
 
 def _phase_sizes(batch: int) -> list[int]:
-  """Batch sizes of `DEQ(compact=True)`'s phases: halving, >= 8 rows."""
+  """Batch sizes of `DEQ(compact=True)`'s phases: halving, >= 16 rows."""
   sizes = [batch]
   while -(-sizes[-1] // 2) >= _MIN_PHASE_BATCH:
     sizes.append(-(-sizes[-1] // 2))
