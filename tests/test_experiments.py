@@ -408,3 +408,18 @@ def test_conv_deq_learns_real_fashion_mnist(tmp_path):
   assert history[1]["train_loss"] < history[0]["train_loss"]
   assert history[1]["test_error"] < 0.5
   assert history[1]["skipped_steps"] == 0
+
+
+def test_mnist_fixed_point_compacts_unless_a_stabiliser_needs_the_batch():
+  from flax import nnx
+
+  from experiments.mnist import models
+  assert models.make_deq("fixed_point", nnx.Rngs(0)).compact
+  assert not models.make_deq("newton_implicit", nnx.Rngs(0)).compact
+  for options in (layers.DeqOptions(dropout=0.1),
+                  layers.DeqOptions(record_steps=(2,))):
+    if options.record_steps:  # fp-correction needs another adjoint anyway
+      with pytest.raises(ValueError, match="UnrolledAdjoint"):
+        models.make_deq("fixed_point", nnx.Rngs(0), options)
+    else:
+      assert not models.make_deq("fixed_point", nnx.Rngs(0), options).compact
