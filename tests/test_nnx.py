@@ -358,17 +358,32 @@ def test_compact_phase_sizes():
   assert _phase_sizes(30) == [30]
 
 
+def _solve_and_grads(deq, x, budget=None):
+  """One compilation: the solve, and d(sum z*^2)/d(kernel, x)."""
+
+  @nnx.jit
+  def run(deq, x, budget):
+    def loss(deq, x):
+      sol = deq.solve(x, max_steps=budget)
+      return jnp.sum(sol.value ** 2), sol
+
+    grads, sol = nnx.grad(loss, argnums=(0, 1), has_aux=True)(deq, x)
+    return sol, grads[0].cell.kernel[...], grads[1], deq.stats.get_value()
+
+  return run(deq, x, budget)
+
+
 @pytest.mark.parametrize("adjoint", [jaxdeq.UnrolledAdjoint(),
                                      jaxdeq.ImplicitAdjoint()])
 def test_compact_gives_the_one_solve_results(x64, adjoint):
   # Fixed-point iteration restarted from the best (here: the last) iterate
   # follows the same trajectory: same values, stats and gradients.
   cell = TanhCell(12, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
-  solver = jaxdeq.FixedPointIteration(tol=1e-8, max_steps=200)
-  one = DEQ(cell, solver, adjoint)
-  compact = DEQ(cell, solver, adjoint, compact=True)
+  solver = jaxdeq.FixedPointIteration(tol=1e-8, max_steps=100)
   x = _spread_inputs()
-  a, b = one.solve(x), compact.solve(x)
+  a, kernel_a, x_a, summary_a = _solve_and_grads(DEQ(cell, solver, adjoint), x)
+  b, kernel_b, x_b, summary_b = _solve_and_grads(
+      DEQ(cell, solver, adjoint, compact=True), x)
   chex.assert_trees_all_close(a.value, b.value, atol=1e-12)
   for field in ("num_steps", "sample_steps", "best_step", "converged",
                 "status"):
@@ -376,36 +391,24 @@ def test_compact_gives_the_one_solve_results(x64, adjoint):
                                   getattr(b.stats, field), err_msg=field)
   np.testing.assert_allclose(a.stats.trace, b.stats.trace, atol=1e-12)
   assert int(b.stats.num_steps) > 30  # the later phases took steps
-
-  def grads(deq):
-    return nnx.grad(lambda deq, x: jnp.sum(deq(x) ** 2), argnums=(0, 1))(
-        deq, x)
-
-  (model_a, x_a), (model_b, x_b) = grads(one), grads(compact)
   chex.assert_trees_all_close(x_a, x_b, atol=1e-10)
-  chex.assert_trees_all_close(model_a.cell.kernel[...],
-                              model_b.cell.kernel[...], atol=1e-10)
-  chex.assert_trees_all_close(one.stats.get_value(), compact.stats.get_value())
+  chex.assert_trees_all_close(kernel_a, kernel_b, atol=1e-10)
+  chex.assert_trees_all_close(summary_a, summary_b)
 
 
 def test_compact_with_anderson_and_a_step_budget(x64):
   cell = TanhCell(12, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
   solver = jaxdeq.Anderson(tol=1e-8, max_steps=100)
-  one, compact = DEQ(cell, solver), DEQ(cell, solver, compact=True)
   x = _spread_inputs()
-  sol = compact.solve(x)
+  one = _solve_and_grads(DEQ(cell, solver), x, jnp.asarray(100))
+  compact = DEQ(cell, solver, compact=True)
+  sol, kernel_grad, x_grad, _ = _solve_and_grads(compact, x, jnp.asarray(100))
   assert bool(jnp.all(sol.stats.converged))
-  chex.assert_trees_all_close(sol.value, one(x), atol=1e-6)
-  loss = lambda deq, x: jnp.sum(deq(x) ** 2)
-  chex.assert_trees_all_close(jax.grad(lambda x: loss(compact, x))(x),
-                              jax.grad(lambda x: loss(one, x))(x), rtol=1e-5)
-
-  @nnx.jit
-  def capped(deq, x, budget):
-    return deq.solve(x, max_steps=budget).stats
-
+  chex.assert_trees_all_close(sol.value, one[0].value, atol=1e-6)
+  chex.assert_trees_all_close(x_grad, one[2], rtol=1e-5)
+  chex.assert_trees_all_close(kernel_grad, one[1], rtol=1e-5)
   for budget in (3, 12):
-    stats = capped(compact, x, jnp.asarray(budget))
+    stats = _solve_and_grads(compact, x, jnp.asarray(budget))[0].stats
     assert int(stats.num_steps) == budget
     assert int(jnp.max(stats.sample_steps)) <= budget
 
