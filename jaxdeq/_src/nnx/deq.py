@@ -140,6 +140,8 @@ class DEQ(nnx.Module):
       The adjoint differentiates every phase, so gradients are those of the
       iterates computed. Not with `record_steps`, `throw` or a
       `VariationalDropout` in the cell (its mask depends on the batch).
+      `BackwardStats` (`BackwardProbe`) describe the first phase's
+      backward solve. A batch of 30 rows or fewer is solved at once.
 
   In training mode (the default; `model.eval()` sets `deterministic`), a
   `VariationalDropout` inside the cell draws one mask per solve.
