@@ -340,7 +340,7 @@ class DEQ(nnx.Module):
     solver = self.solver if training else self.eval_solver
     probe = (self.backward_probe[...]
              if hasattr(self.adjoint, "solve_with_probe") else None)
-    sizes = _phase_sizes(_batch_size(z0)) if self.compact else [None]
+    sizes = _phase_sizes(_batch_size(z0)) if self.compact else []
     if len(sizes) > 1:
       sol = _compacted_solve(cell_map, z0, cell_state, x, solver,
                              self.adjoint, probe, max_steps, sizes)
@@ -390,9 +390,10 @@ def _compacted_solve(f, z0, cell_state, x, solver, adjoint, probe,
   trace holds each sample's residual after every global step.
   """
   batch = sizes[0]
+  # Checked as `fixed_point` checks it: a bad budget is an error here too.
+  budget = fixed_point_lib._check_budget(max_steps, solver)
   cap = jnp.asarray(solver.max_steps, jnp.int32)
-  total = cap if max_steps is None else jnp.clip(
-      jnp.asarray(max_steps, jnp.int32), 0, cap)
+  total = cap if budget is None else jnp.clip(budget, 0, cap)
   rows = jnp.arange(batch, dtype=jnp.int32)  # each row's original sample
   keep = jnp.ones((batch,), bool)  # rows whose results are written back
   start, inputs = z0, x
