@@ -9,6 +9,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from jaxdeq._src import control
 from jaxdeq._src import linear_solve
 from jaxdeq._src import loop
 from jaxdeq._src import solution as solution_lib
@@ -113,8 +114,9 @@ def _tangent(sol: solution_lib.Solution, value_dot: jax.Array):
   """The Solution's tangent: `value_dot`, nothing on stats and states."""
   states = (None if sol.states is None else
             tuple(jnp.zeros_like(s) for s in sol.states))
-  return sol._replace(value=value_dot, stats=_zero_stats_tangent(sol.stats),
-                      states=states)
+  return control.vary_like(
+      sol._replace(value=value_dot, stats=_zero_stats_tangent(sol.stats),
+                   states=states), sol)
 
 
 # ---------------------------------------------------------------- implicit ---
@@ -615,7 +617,9 @@ def _unrolled_bwd(fn, solver, record_steps, plan, residuals, cotangent):
   _, vjp_init = jax.vjp(start, z0, diff_args)
   cot_z0, cot_init_args = vjp_init((cot_z, cot_fz, cot_state))
   cot_args = jax.tree.map(jnp.add, cot_args, cot_init_args)
-  return cot_z0, tree.fill_nondifferentiable(args, cot_args), None
+  return control.sum_to_match(
+      (cot_z0, tree.fill_nondifferentiable(args, cot_args)), (z0, args)) + (
+          None,)
 
 
 def _zero_cotangents(fn, solver, rebuild, states, z0, diff_args):
@@ -624,10 +628,10 @@ def _zero_cotangents(fn, solver, rebuild, states, z0, diff_args):
   it = jax.eval_shape(
       lambda z0, a: loop.init_iterate(fn, solver, z0, rebuild(a)), z0,
       diff_args)
-  zeros = lambda x: jnp.zeros(x.shape, x.dtype)
-  cot = (jnp.zeros_like(z0), zeros(it.fz),
+  zeros = control.zeros_like
+  cot = (zeros(z0), zeros(it.fz),
          [zeros(x) for x in states.split(it.solver_state)[0]])
-  return cot, jax.tree.map(jnp.zeros_like, diff_args)
+  return cot, jax.tree.map(zeros, diff_args)
 
 
 def _reverse_tape(fn, solver, rebuild, states, tape, inject, num_steps,
@@ -661,7 +665,7 @@ def _reverse_tape(fn, solver, rebuild, states, tape, inject, num_steps,
             jax.tree.map(jnp.add, cot_args, cot_step_args))
 
   cot, cot_args = cotangents
-  _, cot, cot_args = jax.lax.while_loop(
+  _, cot, cot_args = control.while_loop(
       lambda c: c[0] >= 0, body, (num_steps - 1, cot, cot_args))
   return cot, cot_args
 
@@ -702,7 +706,7 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps,
                 for b, r in zip(buffer, row)]
       return buffer, carry
 
-    buffer, _ = jax.lax.fori_loop(0, length, replay,
+    buffer, _ = control.fori_loop(0, length, replay,
                                   (buffer, checkpoint(seg)))
 
     def reverse(i, state):
@@ -717,12 +721,12 @@ def _reverse_segments(traced_step, checkpoint, inject, every, num_steps,
       return ((cot_z, cot_fz, cot_state),
               jax.tree.map(jnp.add, cot_args, cot_step_args))
 
-    cot, cot_args = jax.lax.fori_loop(0, length, reverse, (cot, cot_args))
+    cot, cot_args = control.fori_loop(0, length, reverse, (cot, cot_args))
     return seg - 1, cot, cot_args
 
   cot, cot_args = cotangents
   num_segments = -(-num_steps // every)
-  _, cot, cot_args = jax.lax.while_loop(
+  _, cot, cot_args = control.while_loop(
       lambda c: c[0] >= first_segment, segment,
       (num_segments - 1, cot, cot_args))
   return cot, cot_args
@@ -768,8 +772,9 @@ def _cheap_bwd(fn, solver, adjoint, record_steps, residuals, cotangent):
   cot_args = adjoint.args_cotangent(fn, solver, z_star, solver_state,
                                     diff_args, rebuild, cotangent.value)
   # z* does not depend on z0 (the raveled z0 is shaped like z*).
-  return (jnp.zeros_like(z_star), tree.fill_nondifferentiable(args, cot_args),
-          None)
+  return control.sum_to_match(
+      (jnp.zeros_like(z_star), tree.fill_nondifferentiable(args, cot_args)),
+      (z_star, args)) + (None,)
 
 
 _cheap.defvjp(_cheap_fwd, _cheap_bwd)
@@ -845,7 +850,7 @@ class PhantomAdjoint(_CheapAdjoint):
         for step in range(self.steps):
           carry = damped_step(step, carry)
       else:
-        carry = jax.lax.fori_loop(0, self.steps, damped_step, carry)
+        carry = control.fori_loop(0, self.steps, damped_step, carry)
       z, finite = carry
       return z, finite & jnp.all(jnp.isfinite(z), axis=1)
 
@@ -898,7 +903,7 @@ class NeumannAdjoint(_CheapAdjoint):
       power = (1 - self.damping) * power + self.damping * vjp(power)
       return power, total + power
 
-    _, total = jax.lax.fori_loop(0, self.terms - 1, term,
+    _, total = control.fori_loop(0, self.terms - 1, term,
                                  (cotangent, cotangent))
     return _pull_to_args(fn, z_star, diff_args, rebuild,
                          self.damping * total)
@@ -975,7 +980,7 @@ class SHINEAdjoint(_CheapAdjoint):
                            None, x0=u0)
       return jnp.where(base.per_sample(poor, u), u, u0)
 
-    u = jax.lax.cond(jnp.any(poor), refine, lambda u0: u0, estimate)
+    u = control.cond(jnp.any(poor), refine, lambda u0: u0, estimate)
     return _pull_to_args(fn, z_star, diff_args, rebuild, u)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdeq._src import adjoint as adjoint_lib
+from jaxdeq._src import control
 from jaxdeq._src import loop
 from jaxdeq._src import solution as solution_lib
 from jaxdeq._src import tree
@@ -290,6 +291,7 @@ def _solve(f, jacobian, z0, args, solver, adjoint, has_aux, batched, probe,
   batch = _check_batch(z0)
   _check_output(f, z0, args, has_aux, batched)
   _check_tolerance(solver, z0)
+  z0, args = control.vary_together((z0, args))
 
   if jacobian is not None and not batched:
     jacobian = _batched_jacobian(jacobian)

@@ -8,6 +8,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdeq._src import control
 from jaxdeq._src import solution as solution_lib
 from jaxdeq._src.solvers import base
 
@@ -75,19 +76,21 @@ class GMRES:
       x = x + batched_gmres(matvec, r, tol=tol, max_iters=self.krylov_dim)
       return cycle + 1, x, b - matvec(x)
 
-    cycles, x, r = jax.lax.while_loop(
+    cycles, x, r = control.while_loop(
         cond, body, (jnp.zeros((), jnp.int32), jnp.zeros_like(b), b))
     res = relative(r)
     converged = res <= self.tol
-    trace = jnp.full((1, batch), jnp.nan, b.dtype).at[0].set(res)
+    trace = res[None]
+    per_sample = lambda value: control.full((batch,), value, jnp.int32,
+                                            control.batch_spec(b))
     stats = solution_lib.SolverStats(
         num_steps=cycles * self.krylov_dim,
         residual=res,
         converged=converged,
         trace=trace,
         status=solution_lib.batch_status(converged, ~jnp.isfinite(res)),
-        sample_steps=jnp.full((batch,), cycles * self.krylov_dim, jnp.int32),
-        best_step=jnp.full((batch,), cycles, jnp.int32),
+        sample_steps=per_sample(cycles * self.krylov_dim),
+        best_step=per_sample(cycles),
     )
     return x, stats
 
@@ -134,14 +137,18 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
   # (batch, k+1, n): with the batch leading, the Gram-Schmidt products are
   # batched matrix-vector dots, which XLA:CPU runs ~4x faster than the same
   # products over a (k+1, batch, n) basis.
-  basis = jnp.zeros((batch, k + 1, n), dtype).at[:, 0].set(
+  spec = control.batch_spec(b)
+  spec = None if spec is None else spec + (None, None)
+  basis = control.full((batch, k + 1, n), 0, dtype, spec).at[:, 0].set(
       b / jnp.where(beta > 0, beta, 1)[:, None])
-  upper_t = jnp.zeros((batch, k, k), dtype)  # transposed: column j is row j
+  # transposed: column j is row j
+  upper_t = control.full((batch, k, k), 0, dtype, spec)
   # The product of the Givens rotations so far, as one (k+1)x(k+1) matrix per
   # sample: applying it to a new Hessenberg column is one batched product
   # instead of a sequential sweep. beta * rotations[:, :, 0] is the rotated
   # right-hand side; its entry j is the residual after j iterations.
-  rotations = jnp.broadcast_to(jnp.eye(k + 1, dtype=dtype), (batch, k + 1, k + 1))
+  rotations = control.full((batch, k + 1, k + 1), 0, dtype, spec) + jnp.eye(
+      k + 1, dtype=dtype)[None]
   threshold = tol * beta
   rows = jnp.arange(k + 1, dtype=jnp.int32)
 
@@ -182,7 +189,7 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
         rotations, (c * row_next - s * row_j)[:, None], j + 1, 1)
     return j + 1, basis, upper_t, rotations
 
-  steps, basis, upper_t, rotations = jax.lax.while_loop(
+  steps, basis, upper_t, rotations = control.while_loop(
       cond, body, (jnp.zeros((), jnp.int32), basis, upper_t, rotations))
   upper = jnp.swapaxes(upper_t, 1, 2)
   # Columns never built, or built after a sample's exact breakdown, have a

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxdeq._src import control
 from jaxdeq._src import solution as solution_lib
 from jaxdeq._src.solvers import base
 
@@ -80,7 +81,10 @@ def init_iterate(f, solver: base.FixedPointSolver, z0: jax.Array,
   if fz0 is None:
     fz0 = f(z0, args)
   res = residual(z0, fz0, solver)
-  return Iterate(
+  batch = control.batch_spec(z0)
+  # Inside shard_map, the solver's fresh buffers vary like the iterate, so
+  # that every step (and its linearisation) sees one type per value.
+  return control.vary_together(Iterate(
       z=z0,
       fz=fz0,
       solver_state=solver.init(f, z0, fz0, args),
@@ -88,9 +92,9 @@ def init_iterate(f, solver: base.FixedPointSolver, z0: jax.Array,
       residual=res,
       best_residual=jnp.where(jnp.isfinite(res), res, jnp.inf),
       done=_is_done(res, solver.tol),
-      sample_steps=jnp.zeros(z0.shape[:1], jnp.int32),
-      best_step=jnp.zeros(z0.shape[:1], jnp.int32),
-  )
+      sample_steps=control.full(z0.shape[:1], 0, jnp.int32, batch),
+      best_step=control.full(z0.shape[:1], 0, jnp.int32, batch),
+  ))
 
 
 def advance(f, solver: base.FixedPointSolver, args: Any, it: Iterate,
@@ -151,7 +155,8 @@ def step_buffers(like: Any, rows: int) -> Any:
   """
   leaves, treedef = jax.tree.flatten(like)
   return jax.tree.unflatten(treedef, [
-      jnp.full((rows,) + x.shape, i, x.dtype) for i, x in enumerate(leaves)])
+      control.full((rows,) + x.shape, i, x.dtype, control.spec_of(x))
+      for i, x in enumerate(leaves)])
 
 
 def _store_at(buffer: Any, tree: Any, index: jax.Array) -> Any:
@@ -221,7 +226,8 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
            jnp.clip(jnp.asarray(budget, jnp.int32), 0, max_steps))
   it0 = init_iterate(f, solver, z0, args, fz0)
   rows = trace_length(max_steps)
-  trace = jnp.full((rows, z0.shape[0]), jnp.nan, it0.residual.dtype)
+  trace = control.full((rows, z0.shape[0]), jnp.nan, it0.residual.dtype,
+                       control.batch_spec(z0))
   checkpoints = None
   if checkpoint_every is not None:
     # Only the segments past the tape are replayed, so only they are
@@ -240,7 +246,7 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
 
   recorded = None
   if record_steps:
-    recorded = jnp.broadcast_to(z0, (len(record_steps),) + z0.shape)
+    recorded = jnp.broadcast_to(z0[None], (len(record_steps),) + z0.shape)
   record_at = jnp.asarray(record_steps, jnp.int32)
 
   def cond(carry: _Carry):
@@ -280,7 +286,7 @@ def solve(f, z0: jax.Array, args: Any, solver: base.FixedPointSolver, *,
       recorded = jnp.where(pending, it.z[None], recorded)
     return _Carry(step + 1, it, trace, checkpoints, tape, recorded)
 
-  final = jax.lax.while_loop(
+  final = control.while_loop(
       cond, body,
       _Carry(jnp.zeros((), jnp.int32), it0, trace, checkpoints, tape,
              recorded))

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdeq._src import control
 from jaxdeq._src import tree
 
 
@@ -147,6 +148,6 @@ def spectral_radius(f: Callable[[Any, Any], Any], z: Any, args: Any,
     return normalize(apply(v))
 
   v, _ = normalize(jax.random.normal(key, flat_z.shape, flat_z.dtype))
-  _, norm = jax.lax.fori_loop(0, num_iters, power_step,
+  _, norm = control.fori_loop(0, num_iters, power_step,
                               (v, jnp.zeros(flat_z.shape[:1], flat_z.dtype)))
   return norm if batched else norm[0]

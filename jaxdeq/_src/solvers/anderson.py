@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxdeq._src import control
 from jaxdeq._src.solvers import base
 
 
@@ -77,9 +78,13 @@ class Anderson(base.FixedPointSolver):
     # Unfilled slots are never weighted (alpha is 0 there), so any finite
     # fill will do; two different fills keep XLA from merging them into one
     # broadcast that it then copies into the second loop-carried history.
-    return AndersonState(jnp.zeros((batch, self.m, size), z.dtype),
-                         jnp.ones((batch, self.m, size), z.dtype),
-                         jnp.zeros((batch, self.m, self.m), z.dtype))
+    spec = control.batch_spec(z)
+    spec = None if spec is None else spec + (None, None)
+    shape = (batch, self.m, size)
+    return AndersonState(control.full(shape, 0, z.dtype, spec),
+                         control.full(shape, 1, z.dtype, spec),
+                         control.full((batch, self.m, self.m), 0, z.dtype,
+                                      spec))
 
   def step(self, f, z, fz, args, state, step_index):
     g = fz - z

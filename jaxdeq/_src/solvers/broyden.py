@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxdeq._src import control
 from jaxdeq._src.solvers import base
 
 
@@ -59,7 +60,9 @@ class Broyden(base.FixedPointSolver):
 
   def init(self, f, z, fz, args) -> BroydenState:
     batch, size = z.shape
-    factors = jnp.zeros((batch, self.memory, size), z.dtype)
+    spec = control.batch_spec(z)
+    factors = control.full((batch, self.memory, size), 0, z.dtype,
+                           None if spec is None else spec + (None, None))
     return BroydenState(factors, factors, z, jnp.zeros_like(z))
 
   def step(self, f, z, fz, args, state, step_index):

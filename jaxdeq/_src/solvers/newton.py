@@ -9,6 +9,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxdeq._src import control
 from jaxdeq._src import linear_solve
 from jaxdeq._src.solvers import base
 
@@ -102,9 +103,10 @@ class Newton(base.FixedPointSolver):
             f" shape {z.shape}, got {jac.shape}")
       return jac.astype(z.dtype)
     basis = jnp.eye(size, dtype=z.dtype)
+    zeros = control.full(z.shape, 0, z.dtype, control.spec_of(z))
 
     def column(e):
-      tangent = jnp.broadcast_to(e, z.shape)
+      tangent = zeros + e[None]
       return jax.jvp(lambda y: f(y, args), (z,), (tangent,))[1]
 
     # Samples are independent, so one tangent e_j for every sample at once
