@@ -190,7 +190,7 @@ def test_bad_options(kwargs, error, match):
 
 def test_bad_pytree_states():
   f = lambda z, a: z
-  with pytest.raises(TypeError, match=r"z0\['b'\] must be a floating array"):
+  with pytest.raises(TypeError, match=r"z0\['b'\] must be a floating or complex array"):
     jaxdeq.fixed_point(f, {"a": jnp.ones((2, 3)), "b": jnp.ones((2,), int)})
   with pytest.raises(ValueError, match="same leading .batch. axis"):
     jaxdeq.fixed_point(f, (jnp.ones((2, 3)), jnp.ones((3, 3))))

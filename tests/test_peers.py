@@ -8,6 +8,8 @@ mathematics. The adapter `peer_fixed_point` is all that differs from the
 peers' calls: their states are single samples, so `batched=False`.
 """
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -95,10 +97,10 @@ def _problems(dtype):
   size = ravel_pytree(ones_pytree)[0].size
   keys = jax.random.split(jax.random.key(19), 5)
   matrix = jax.random.normal(keys[0], (size, size), dtype)
-  mlp = (jax.random.normal(keys[1], (8, size), dtype) / np.sqrt(size),
-         jax.random.normal(keys[2], (8,), dtype) / np.sqrt(size),
-         jax.random.normal(keys[3], (size, 8), dtype) / np.sqrt(8),
-         jax.random.normal(keys[4], (size,), dtype) / np.sqrt(8))
+  mlp = (jax.random.normal(keys[1], (8, size), dtype) / math.sqrt(size),
+         jax.random.normal(keys[2], (8,), dtype) / math.sqrt(size),
+         jax.random.normal(keys[3], (size, 8), dtype) / math.sqrt(8),
+         jax.random.normal(keys[4], (size,), dtype) / math.sqrt(8))
   robertson_args = (jnp.asarray(0.04, dtype), jnp.asarray(3e7, dtype),
                     jnp.asarray(1e4, dtype))
   ones_robertson = (jnp.ones(2, dtype), {"b": jnp.asarray(1.0, dtype)})
@@ -145,12 +147,14 @@ def test_optimistix_fixed_point(name):
 # sin(x) = x has its fixed point at 0, where df/dx = 1: I - df/dz is
 # singular, the implicit function theorem does not apply, and the solve's
 # finite differences depend on where it stopped.
+@pytest.mark.parametrize("dtype", ["float64", "complex128"])
 @pytest.mark.parametrize("name", [p for p in PROBLEMS if p != "sin"])
-def test_optimistix_fixed_point_jvp(name, x64):
+def test_optimistix_fixed_point_jvp(name, dtype, x64):
   # optimistix checks the implicit JVP against finite differences of the
-  # solve, with random tangents for init and args; z* does not depend on
-  # init, so its tangent must not move the result.
-  fn, init, args = _problems(jnp.float64)[name]
+  # solve, with random tangents for init and args, in float64 and
+  # complex128; z* does not depend on init, so its tangent must not move the
+  # result.
+  fn, init, args = _problems(jnp.dtype(dtype))[name]
   keys = iter(jax.random.split(jax.random.key(0), 64))
   t_init = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape,
                                                     x.dtype), init)

@@ -52,8 +52,9 @@ def fixed_point(
       independent. A map object may offer `residual_jacobian(z, args)`, the
       (batch, d, d) Jacobian of g(z) = z - f(z, args) over each sample's
       raveled state, which `Newton` uses.
-    z0: initial state, any pytree of floating arrays; with `batched=True`
-      every leaf's leading axis is the batch.
+    z0: initial state, any pytree of floating or complex arrays (a mixed
+      pytree is solved in complex arithmetic; its real leaves stay real);
+      with `batched=True` every leaf's leading axis is the batch.
     args: the map's arguments (any pytree).
     solver: a jaxdeq solver; default `Anderson()`.
     adjoint: `ImplicitAdjoint()` (default), `UnrolledAdjoint()`,
@@ -219,17 +220,17 @@ def _check_record_steps(record_steps, adjoint) -> tuple[int, ...]:
 
 
 def _as_state(z0: Any) -> Any:
-  """z0's leaves as arrays; each must be floating (never the whole tree)."""
+  """z0's leaves as arrays; each must be floating or complex."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(z0)
   if not leaves:
     raise ValueError("fixed_point: z0 has no arrays (an empty pytree)")
   out = []
   for path, leaf in leaves:
     leaf = jnp.asarray(leaf)
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       raise TypeError(
-          f"fixed_point: z0{jax.tree_util.keystr(path)} must be a floating"
-          f" array, got dtype {leaf.dtype}; cast it, e.g."
+          f"fixed_point: z0{jax.tree_util.keystr(path)} must be a floating or"
+          f" complex array, got dtype {leaf.dtype}; cast it, e.g."
           " z0.astype(jnp.float32)")
     out.append(leaf)
   return jax.tree.unflatten(treedef, out)

@@ -140,7 +140,7 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
   spec = control.batch_spec(b)
   spec = None if spec is None else spec + (None, None)
   basis = control.full((batch, k + 1, n), 0, dtype, spec).at[:, 0].set(
-      b / jnp.where(beta > 0, beta, 1)[:, None])
+      b / jnp.where(beta > 0, beta, 1)[:, None].astype(dtype))
   # transposed: column j is row j
   upper_t = control.full((batch, k, k), 0, dtype, spec)
   # The product of the Givens rotations so far, as one (k+1)x(k+1) matrix per
@@ -161,30 +161,35 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
   def body(carry):
     j, basis, upper_t, rotations = carry
     w = matvec(jax.lax.dynamic_index_in_dim(basis, j, 1, False))
-    h = jnp.einsum("bkn,bn->bk", basis, w)  # zero above j
+    # Inner products <q_k, w> = q_k^H w (conj: the identity on real states).
+    conj_basis = jnp.conj(basis)
+    h = jnp.einsum("bkn,bn->bk", conj_basis, w)  # zero above j
     w = w - jnp.einsum("bkn,bk->bn", basis, h)
     if reorthogonalize:
-      h_again = jnp.einsum("bkn,bn->bk", basis, w)
+      h_again = jnp.einsum("bkn,bn->bk", conj_basis, w)
       w = w - jnp.einsum("bkn,bk->bn", basis, h_again)
       h = h + h_again
     norm = jnp.linalg.norm(w, axis=1)
     basis = jax.lax.dynamic_update_index_in_dim(
-        basis, (w / jnp.where(norm > 0, norm, 1)[:, None])[:, None], j + 1, 1)
-    h = jnp.where(rows[None] == j + 1, norm[:, None], h)
+        basis, (w / jnp.where(norm > 0, norm, 1)[:, None].astype(dtype)
+                )[:, None], j + 1, 1)
+    h = jnp.where(rows[None] == j + 1, norm[:, None].astype(dtype), h)
     h = jnp.einsum("bij,bj->bi", rotations, h)
     hj = jax.lax.dynamic_index_in_dim(h, j, 1, False)
-    radius = jnp.hypot(hj, norm)
+    # The rotation [[conj(c), s], [-s, c]] (unitary; s and the radius real)
+    # takes (hj, norm) to (radius, 0).
+    radius = jnp.hypot(jnp.abs(hj), norm)
     safe = jnp.where(radius > 0, radius, 1)
-    c = jnp.where(radius > 0, hj / safe, 1)[:, None]
-    s = jnp.where(radius > 0, norm / safe, 0)[:, None]
-    column = jnp.where(rows[None] == j, radius[:, None],
+    c = jnp.where(radius > 0, hj / safe.astype(dtype), 1)[:, None]
+    s = jnp.where(radius > 0, norm / safe, 0).astype(dtype)[:, None]
+    column = jnp.where(rows[None] == j, radius[:, None].astype(dtype),
                        jnp.where(rows[None] < j, h, 0))
     upper_t = jax.lax.dynamic_update_index_in_dim(
         upper_t, column[:, None, :k], j, 1)
     row_j = jax.lax.dynamic_index_in_dim(rotations, j, 1, False)
     row_next = jax.lax.dynamic_index_in_dim(rotations, j + 1, 1, False)
     rotations = jax.lax.dynamic_update_index_in_dim(
-        rotations, (c * row_j + s * row_next)[:, None], j, 1)
+        rotations, (jnp.conj(c) * row_j + s * row_next)[:, None], j, 1)
     rotations = jax.lax.dynamic_update_index_in_dim(
         rotations, (c * row_next - s * row_j)[:, None], j + 1, 1)
     return j + 1, basis, upper_t, rotations
@@ -198,7 +203,8 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
   unused = (jnp.arange(k, dtype=jnp.int32)[None] >= steps) | (diagonal == 0)
   upper = jnp.where(unused[:, :, None] & jnp.eye(k, dtype=bool)[None], 1,
                     upper)
-  rhs = jnp.where(unused, 0, beta[:, None] * rotations[:, :k, 0])
+  rhs = jnp.where(unused, 0,
+                  beta[:, None].astype(dtype) * rotations[:, :k, 0])
   coefficients = jax.scipy.linalg.solve_triangular(
       upper, rhs[..., None], lower=False)[..., 0]
   # The unused last basis vector gets a zero coefficient: slicing it off

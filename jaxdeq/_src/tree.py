@@ -103,14 +103,16 @@ HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 def compute_dtype(dtypes: list) -> jnp.dtype:
   """The dtype solvers work in for states of these leaf dtypes.
 
-  The widest leaf dtype, and at least float32: least-squares weights, LU
+  The widest leaf precision, and at least float32: least-squares weights, LU
   factors and norms of half-precision states are computed in float32 (LAPACK
-  has no bfloat16, and bfloat16 sums of squares lose the residual).
+  has no bfloat16, and bfloat16 sums of squares lose the residual). Complex
+  when any leaf is complex (complex128 for float64 beside complex64).
   """
-  widest = max((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize)
-  if widest in HALF_DTYPES:
-    return jnp.dtype(jnp.float32)
-  return widest
+  dtypes = [jnp.dtype(d) for d in dtypes]
+  bits = max(max(jnp.finfo(d).bits for d in dtypes), 32)
+  if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes):
+    return jnp.dtype(f"complex{2 * bits}")
+  return jnp.dtype(f"float{bits}")
 
 
 class Raveller(NamedTuple):
@@ -158,6 +160,9 @@ class Raveller(NamedTuple):
     for shape, dtype in zip(self.shapes, self.dtypes):
       size = int(np.prod(shape))
       part = flat if len(self.shapes) == 1 else flat[:, start:start + size]
-      leaves.append(part.reshape((batch,) + shape).astype(dtype))
+      part = part.reshape((batch,) + shape)
+      if not jnp.issubdtype(dtype, jnp.complexfloating):
+        part = jnp.real(part)  # a real leaf of a complex state stays real
+      leaves.append(part.astype(dtype))
       start += size
     return jax.tree.unflatten(self.treedef, leaves)

@@ -94,9 +94,12 @@ class Anderson(base.FixedPointSolver):
     # The histories are read before the new pair is written into them, the
     # newest pair's part added separately: reading the updated buffers made
     # XLA copy both (batch, m, d) histories up to four times per step.
-    row = jnp.where(is_slot, jnp.sum(g * g, axis=1, keepdims=True),
-                    jnp.einsum("bmd,bd->bm", state.g_history, g))
-    gram = jnp.where(is_slot[:, :, None], row[:, None, :], state.gram)
+    # row[i] = <g_i, g> = g_i^H g: the Gram matrix is Hermitian for complex
+    # states (conj is the identity on real ones).
+    row = jnp.where(is_slot, jnp.sum(jnp.conj(g) * g, axis=1, keepdims=True),
+                    jnp.einsum("bmd,bd->bm", jnp.conj(state.g_history), g))
+    gram = jnp.where(is_slot[:, :, None], jnp.conj(row)[:, None, :],
+                     state.gram)
     gram = jnp.where(is_slot[:, None, :], row[:, :, None], gram)
     valid = slots <= step_index  # slots filled so far
     alpha = _mixing_weights(gram, valid, self.lam, slot, self.lam_relative)
@@ -131,9 +134,10 @@ def _mixing_weights(gram: jax.Array, valid: jax.Array, lam: float,
   pair_valid = (valid[:, None] & valid[None, :])[None]
   eye = jnp.eye(m, dtype=dtype)[None]
   if lam_relative:
-    diagonal = jnp.where(valid, jnp.diagonal(gram, axis1=1, axis2=2), 0)
-    scale = jnp.sum(diagonal, axis=1) / jnp.sum(valid).astype(dtype)
-    lam = lam * (scale + jnp.finfo(dtype).tiny)[:, None, None]
+    diagonal = jnp.where(valid, jnp.real(jnp.diagonal(gram, axis1=1, axis2=2)),
+                         0)
+    scale = jnp.sum(diagonal, axis=1) / jnp.sum(valid).astype(diagonal.dtype)
+    lam = (lam * (scale + jnp.finfo(dtype).tiny)[:, None, None]).astype(dtype)
   # Unfilled slots become identity rows with a zero right-hand side: w = 0.
   system = jnp.where(pair_valid, gram + lam * eye, eye)
   rhs = jnp.broadcast_to(valid.astype(dtype), gram.shape[:2])

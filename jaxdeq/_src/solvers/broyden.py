@@ -71,7 +71,9 @@ class Broyden(base.FixedPointSolver):
     us, vs = state.us, state.vs
     dz = flat_z - state.z_prev
     dg = g - state.g_prev
-    v = _rmatvec(us, vs, dz)
+    # Good Broyden: H += (dz - H dg) dz^H H / (dz^H H dg); the conjugate is
+    # the identity on real states.
+    v = _rmatvec(us, vs, jnp.conj(dz))
     u_num = dz - _matvec(us, vs, dg)
     denom = jnp.sum(v * dg, axis=1, keepdims=True)
     tiny = jnp.finfo(z.dtype).tiny ** 0.5
