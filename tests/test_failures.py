@@ -202,3 +202,18 @@ def test_bad_pytree_states():
                        (jnp.ones((2, 3)), jnp.ones((2, 3))))
   with pytest.raises(ValueError, match="empty pytree"):
     jaxdeq.fixed_point(f, {})
+
+
+@pytest.mark.parametrize("make", [
+    lambda tol: jaxdeq.FixedPointIteration(tol=tol),
+    lambda tol: jaxdeq.Anderson(tol=tol),
+    lambda tol: jaxdeq.Broyden(tol=tol),
+    lambda tol: jaxdeq.Newton(tol=tol),
+    lambda tol: jaxdeq.Newton(gmres_tol=tol, linear_solver="gmres"),
+    lambda tol: jaxdeq.GMRES(tol=tol),
+])
+@pytest.mark.parametrize("tol", [float("inf"), float("nan")])
+def test_infinite_or_nan_tolerance_is_refused(make, tol):
+  # tol=inf would report every sample converged after 0 steps.
+  with pytest.raises(ValueError, match="tol must be"):
+    make(tol)

@@ -93,12 +93,12 @@ class AbstractAdjoint:
     Fixed-point correction supervises intermediate iterates with the
     adjoint's own rule applied at each of them.
     """
-    return self.solve(fn, z, args, _stopped(solver)).value
+    return self.solve(fn, z, args, solver, budget=_no_steps()).value
 
 
-def _stopped(solver: base.FixedPointSolver) -> base.FixedPointSolver:
-  """The solver with every sample done at its start: the solve returns z0."""
-  return dataclasses.replace(solver, tol=float("inf"))
+def _no_steps() -> jax.Array:
+  """A step budget of zero: the solve returns its start."""
+  return jnp.zeros((), jnp.int32)
 
 
 def _solve(fn, z0, args, solver, budget=None, record_steps=()):
@@ -177,11 +177,8 @@ class ImplicitAdjoint(AbstractAdjoint):
                            budget)
 
   def at_state(self, fn, z, args, solver):
-    # The backward solves with the forward solver's settings, not the
-    # stopped solver's.
-    adjoint = dataclasses.replace(self, solver=self.solver or solver)
-    return _implicit_solve(fn, _stopped(solver), adjoint, (), z, args, None,
-                           None).value
+    return _implicit_solve(fn, solver, self, (), z, args, None,
+                           _no_steps()).value
 
   def solve_with_probe(self, fn: base.Map, z0: jax.Array, args: Any,
                        solver: base.FixedPointSolver,

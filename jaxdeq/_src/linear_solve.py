@@ -44,7 +44,7 @@ class GMRES:
   max_restarts: int = 4
 
   def __post_init__(self):
-    base.check_number(self, "tol", positive=True)
+    base.check_number(self, "tol", positive=True, finite=True)
     base.check_int(self, "krylov_dim", minimum=1)
     base.check_int(self, "max_restarts", minimum=0)
 

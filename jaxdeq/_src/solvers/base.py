@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Callable, Optional
 
@@ -65,7 +66,7 @@ class FixedPointSolver:
   stop_active: int = dataclasses.field(default=0, kw_only=True, repr=False)
 
   def __post_init__(self):
-    check_number(self, "tol", positive=True)
+    check_number(self, "tol", positive=True, finite=True)
     check_int(self, "max_steps", minimum=1)
     check_number(self, "eps", positive=False)
     check_int(self, "stop_active", minimum=0)
@@ -95,11 +96,16 @@ class FixedPointSolver:
     raise NotImplementedError
 
 
-def check_number(obj, name: str, positive: bool) -> None:
+def check_number(obj, name: str, positive: bool, finite: bool = False) -> None:
+  """Checks a real-valued setting; `finite` refuses inf (NaN always fails)."""
   value = getattr(obj, name)
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(
         f"{type(obj).__name__}: {name} must be a real number, got {value!r}")
+  if finite and not math.isfinite(value):
+    raise ValueError(
+        f"{type(obj).__name__}: {name} must be finite, got {value!r} (an"
+        " infinite tolerance reports every sample converged before a step)")
   if positive and not value > 0:
     raise ValueError(f"{type(obj).__name__}: {name} must be > 0, got {value!r}")
   if not positive and not value >= 0:

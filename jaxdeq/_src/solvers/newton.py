@@ -77,7 +77,7 @@ class Newton(base.FixedPointSolver):
       raise ValueError(
           f"Newton: linear_solver must be one of {_LINEAR_SOLVERS}, got"
           f" {self.linear_solver!r}")
-    base.check_number(self, "gmres_tol", positive=True)
+    base.check_number(self, "gmres_tol", positive=True, finite=True)
     base.check_int(self, "gmres_krylov_dim", minimum=1)
 
   def init(self, f, z, fz, args) -> NewtonState:
