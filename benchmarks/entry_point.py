@@ -54,7 +54,7 @@ def step_rows(repeats: int) -> list[list]:
   layers = [
       ("TanhCell(100), Anderson, implicit, batch 100",
        DEQ(TanhCell(100, rngs=rngs),
-           jaxdeq.Anderson(tol=1e-4, max_steps=50, lam_relative=True),
+           jaxdeq.Anderson(tol=1e-4, max_steps=50, lam=1e-4),
            jaxdeq.ImplicitAdjoint()), x),
       ("TanhCell(100), iteration, unrolled, batch 100",
        DEQ(TanhCell(100, rngs=rngs),
@@ -65,7 +65,8 @@ def step_rows(repeats: int) -> list[list]:
            jaxdeq.ImplicitAdjoint(), z_init=jnp.tanh), x),
       ("ResNetCell(48, 64), Anderson, implicit, batch 10",
        DEQ(ResNetCell(48, 64, rngs=rngs),
-           jaxdeq.Anderson(tol=1e-2, max_steps=25, m=5),
+           jaxdeq.Anderson(tol=1e-2, max_steps=25, m=5,
+                                   lam=1e-4, lam_relative=False),
            jaxdeq.ImplicitAdjoint()), x_conv),
   ]
   return [[name, f"{step_ms(deq, x, repeats):.2f}"]

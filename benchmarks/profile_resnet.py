@@ -36,7 +36,8 @@ from jaxdeq.nnx import DEQ, ResNetCell
 
 def profile(batch: int, repeats: int, compiler_options=None) -> str:
   cell = ResNetCell(48, 64, rngs=nnx.Rngs(0))
-  deq = DEQ(cell, jaxdeq.Anderson(tol=1e-2, max_steps=25, m=5),
+  deq = DEQ(cell, jaxdeq.Anderson(tol=1e-2, max_steps=25, m=5,
+                                   lam=1e-4, lam_relative=False),
             jaxdeq.ImplicitAdjoint())
   graphdef, params, rest = nnx.split(deq, nnx.Param, ...)
   x = jax.random.normal(jax.random.key(batch), (batch, 32, 32, 48))

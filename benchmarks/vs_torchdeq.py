@@ -88,7 +88,8 @@ def worst_residual(fz, z):
 def prepare_jaxdeq(cell, x, tol, max_steps, compiler_options=None):
   """jaxdeq's jitted forward and forward+backward as callables that return
   when done (compiled and run once here), with their steps and residual."""
-  deq = DEQ(cell, jaxdeq.Anderson(tol=tol, max_steps=max_steps, m=5),
+  deq = DEQ(cell, jaxdeq.Anderson(tol=tol, max_steps=max_steps, m=5,
+                                   lam=1e-4, lam_relative=False),
             jaxdeq.ImplicitAdjoint())
   graphdef, params, rest = nnx.split(deq, nnx.Param, ...)
   cotangent = jax.random.normal(jax.random.key(1), x.shape)

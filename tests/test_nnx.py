@@ -271,7 +271,9 @@ def test_deq_under_jax_vmap_of_a_function_that_calls_it():
   before = deq.stats.get_value()
   out = jax.vmap(lambda x: deq(x))(xs)
   for i in range(3):
-    chex.assert_trees_all_close(out[i], deq(xs[i]), atol=1e-6)
+    # Equal to the float32 rounding of Anderson's small least-squares
+    # solves, which batching reorders.
+    chex.assert_trees_all_close(out[i], deq(xs[i]), atol=1e-5)
   # Stats of the vmapped call are not written (an outer trace owns the
   # variable); deq.solve returns them per slice instead.
   stats = jax.vmap(lambda x: deq.solve(x).stats)(xs)

@@ -223,7 +223,8 @@ def test_anderson_step_matches_the_recomputed_gram(beta, x64):
   # recomputed from the stored residuals, weights from the bordered system,
   # mixing over the updated histories.
   m, lam = 3, 1e-3
-  solver = jaxdeq.Anderson(1e-12, 20, m=m, lam=lam, beta=beta)
+  solver = jaxdeq.Anderson(1e-12, 20, m=m, lam=lam, beta=beta,
+                           lam_relative=False)
   key_a, key_x = jax.random.split(jax.random.key(3))
   a = 0.4 * jax.random.normal(key_a, (6, 6), jnp.float64) / np.sqrt(6)
   x = jax.random.normal(key_x, (2, 6), jnp.float64)

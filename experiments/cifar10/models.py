@@ -44,7 +44,8 @@ class CifarDEQ(nnx.Module):
     self.norm_in = batch_norm(CHANNELS, rngs)
     cell = options.cell(ResNetCell(CHANNELS, 64, kernel_size=3, rngs=rngs),
                         rngs, broadcast_dims=(1, 2))
-    self.deq = DEQ(cell, jaxdeq.Anderson(tol=1e-2, max_steps=25, m=5),
+    self.deq = DEQ(cell, jaxdeq.Anderson(tol=1e-2, max_steps=25, m=5,
+                                   lam=1e-4, lam_relative=False),
                    jaxdeq.ImplicitAdjoint(), **options.deq_kwargs(rngs))
     self.norm_out = batch_norm(CHANNELS, rngs)
     self.head = layers.linear(CHANNELS * 4 * 4, 10, rngs)
@@ -100,7 +101,8 @@ class CifarMDEQ(nnx.Module):
     cell = options.cell(MultiscaleCell(MDEQ_CHANNELS, num_groups=4,
                                        rngs=rngs), rngs,
                         broadcast_dims=(1, 2))
-    self.deq = DEQ(cell, jaxdeq.Anderson(tol=1e-2, max_steps=25, m=5),
+    self.deq = DEQ(cell, jaxdeq.Anderson(tol=1e-2, max_steps=25, m=5,
+                                   lam=1e-4, lam_relative=False),
                    jaxdeq.ImplicitAdjoint(), **options.deq_kwargs(rngs))
     self.head = layers.linear(fine + coarse, 10, rngs)
 

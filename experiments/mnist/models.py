@@ -30,7 +30,7 @@ LAYERS = {
     "newton_implicit": (_NEWTON_GMRES, jaxdeq.ImplicitAdjoint(solver=jaxdeq.GMRES(tol=1e-4, max_restarts=1)), dict(z_init=jnp.tanh), 10),  # noqa: E501
     "newton_dense": (_NEWTON_DENSE, jaxdeq.UnrolledAdjoint(), dict(z_init=jnp.tanh, unconverged="zero"), 8),  # noqa: E501
     "newton_implicit_dense": (_NEWTON_DENSE, jaxdeq.ImplicitAdjoint(), dict(z_init=jnp.tanh), 10),  # noqa: E501
-    "deq": (jaxdeq.Anderson(tol=1e-4, max_steps=50, m=5, lam_relative=True), jaxdeq.ImplicitAdjoint(), {}, 10),  # noqa: E501
+    "deq": (jaxdeq.Anderson(tol=1e-4, max_steps=50, m=5, lam=1e-4), jaxdeq.ImplicitAdjoint(), {}, 10),  # noqa: E501
 }
 
 

@@ -124,9 +124,9 @@ def fixed_point(
 
     >>> sol = jaxdeq.fixed_point(lambda z, x: 0.5 * jnp.tanh(z) + x,
     ...                          jnp.zeros((2, 3)), jnp.ones((2, 3)),
-    ...                          max_steps=jnp.asarray(4), record_steps=(1, 2))
+    ...                          max_steps=jnp.asarray(2), record_steps=(1, 2))
     >>> int(sol.stats.num_steps), len(sol.states)
-    (4, 2)
+    (2, 2)
   """
   solver = anderson.Anderson() if solver is None else solver
   adjoint = adjoint_lib.ImplicitAdjoint() if adjoint is None else adjoint
