@@ -160,13 +160,18 @@ def test_throw_under_jit_names_the_failure_first():
                               ).value
 
   with pytest.raises(jax.errors.JaxRuntimeError,
-                     match="jaxdeq: the forward solve failed"):
+                     match="jaxdeq: the forward solve failed") as error:
     jax.block_until_ready(solve(jnp.ones((2, 2))))
+  # JAX's error ends with the message, which points to catch_failures.
+  assert str(error.value).rstrip().endswith(
+      "wrap the jitted function in jaxdeq.catch_failures to get this"
+      " FixedPointError with its message first.)")
   with pytest.raises(jaxdeq.FixedPointError) as error:
     jaxdeq.catch_failures(solve)(jnp.ones((2, 2)))
   first_line = str(error.value).splitlines()[0]
   assert first_line.startswith("jaxdeq: the forward solve failed")
   assert re.search(r"2 of 2 samples above tol=0\.0001", first_line)
+  assert "catch_failures" not in str(error.value)
 
 
 def test_successful_throw_solve_raises_nothing():
@@ -217,3 +222,10 @@ def test_infinite_or_nan_tolerance_is_refused(make, tol):
   # tol=inf would report every sample converged after 0 steps.
   with pytest.raises(ValueError, match="tol must be"):
     make(tol)
+
+
+def test_a_map_that_cannot_take_z0_names_z0s_shape():
+  with pytest.raises(ValueError, match=r"fixed_point: f\(z0, args\) fails for"
+                     r" z0 float32\[2,3\].*TypeError: dot_general"):
+    jaxdeq.fixed_point(lambda z, w: z @ w, jnp.ones((2, 3), jnp.float32),
+                       jnp.ones((4, 4), jnp.float32))

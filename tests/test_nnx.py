@@ -12,7 +12,7 @@ from flax import nnx
 from jax.test_util import check_grads
 
 import jaxdeq
-from jaxdeq.nnx import DEQ, ResNetCell, TanhCell, conv2d_same
+from jaxdeq.nnx import DEQ, DEQStats, ResNetCell, TanhCell, conv2d_same
 
 
 def test_tanh_cell_init_matches_torch_linear_bounds():
@@ -172,7 +172,8 @@ def test_deq_on_an_empty_batch(adjoint):
   assert np.isnan(float(stats.mean_steps)) and np.isnan(
       float(stats.max_residual))
   chex.assert_shape(stats.trace, (30,))
-  grads = jax.grad(lambda x: deq(x).sum())(x)
+  with pytest.warns(UserWarning, match="not updated"):
+    grads = jax.grad(lambda x: deq(x).sum())(x)
   chex.assert_shape(grads, (0, 4))
 
 
@@ -209,7 +210,7 @@ def test_deq_bad_arguments():
     DEQ(cell, z_init="ones")
   with pytest.raises(ValueError, match="unconverged"):
     DEQ(cell, unconverged="drop")
-  with pytest.raises(TypeError, match=r"\(5,\) and \(4,\)"):
+  with pytest.raises(ValueError, match=r"DEQ\(TanhCell\).*\(5,\) and \(4,\)"):
     DEQ(cell)(jnp.ones((2, 5)))
 
 
@@ -269,17 +270,86 @@ def test_deq_under_jax_vmap_of_a_function_that_calls_it():
   deq = _small_deq()
   xs = jax.random.normal(jax.random.key(1), (3, 4, 8))
   before = deq.stats.get_value()
-  out = jax.vmap(lambda x: deq(x))(xs)
+  # The layer's variables belong to the outer trace: the stats cannot be
+  # written there, and a warning says the variable was left as it was.
+  with pytest.warns(UserWarning, match="SolverStatsVariable not updated"):
+    out = jax.vmap(lambda x: deq(x))(xs)
   for i in range(3):
     # Equal to the float32 rounding of Anderson's small least-squares
     # solves, which batching reorders.
     chex.assert_trees_all_close(out[i], deq(xs[i]), atol=1e-5)
-  # Stats of the vmapped call are not written (an outer trace owns the
-  # variable); deq.solve returns them per slice instead.
-  stats = jax.vmap(lambda x: deq.solve(x).stats)(xs)
+  # deq.solve returns them per slice instead.
+  with pytest.warns(UserWarning, match="not updated"):
+    stats = jax.vmap(lambda x: deq.solve(x).stats)(xs)
   chex.assert_shape(stats.residual, (3, 4))
   assert bool(jnp.all(stats.converged))
   assert before.trace.shape == deq.stats.get_value().trace.shape
+
+
+def test_broadcast_deq_under_nnx_vmap_equals_a_loop_over_inputs():
+  deq = _small_deq()
+  xs = jax.random.normal(jax.random.key(1), (3, 4, 8))
+
+  @nnx.jit
+  @nnx.vmap(in_axes=(None, 0))
+  def forward(deq, x):
+    return deq(x)
+
+  out = forward(deq, xs)
+  merged = deq.stats.get_value()
+  singles = []
+  for i in range(3):
+    # Equal to the float32 rounding of Anderson's small least-squares
+    # solves, which batching reorders.
+    chex.assert_trees_all_close(out[i], deq(xs[i]), atol=1e-5)
+    singles.append(deq.stats.get_value())
+  # One record for the three inputs, summarised as DEQStats.merge does.
+  chex.assert_shape(merged.num_steps, ())
+  chex.assert_shape(merged.trace, (deq.trace_rows,))
+  assert int(merged.num_steps) == max(int(s.num_steps) for s in singles)
+  assert float(merged.converged_fraction) == 1.0
+  np.testing.assert_allclose(
+      float(merged.max_residual),
+      max(float(s.max_residual) for s in singles), rtol=0.5)
+  assert int(merged.status) == jaxdeq.Status.SUCCESSFUL
+
+
+def test_broadcast_deq_under_nnx_vmap_trains_with_its_penalty():
+  deq = DEQ(TanhCell(8, rngs=nnx.Rngs(0)),
+            jaxdeq.Anderson(tol=1e-6, max_steps=100), jacobian_penalty=True,
+            rngs=nnx.Rngs(2))
+  xs = jax.random.normal(jax.random.key(1), (3, 4, 8))
+
+  @nnx.jit
+  @nnx.grad
+  def loss(deq, xs):
+    out = nnx.vmap(lambda deq, x: deq(x), in_axes=(None, 0))(deq, xs)
+    return jnp.sum(out ** 2) + deq.penalty[...]
+
+  grads = loss(deq, xs)
+  assert bool(jnp.all(jnp.isfinite(grads.cell.kernel[...])))
+  assert float(deq.penalty[...]) > 0
+  # The penalty's share of the gradient: the loss without it differs.
+  plain = nnx.grad(lambda deq, xs: jnp.sum(
+      nnx.vmap(lambda deq, x: deq(x), in_axes=(None, 0))(deq, xs) ** 2))(
+          deq, xs)
+  assert not np.allclose(grads.cell.kernel[...], plain.cell.kernel[...])
+
+
+def test_deq_stats_merge_of_a_stack():
+  a = DEQStats(jnp.asarray(3), jnp.asarray(2.0), jnp.asarray(1e-3),
+               jnp.asarray(1.0), jnp.asarray(0),
+               jnp.asarray([1.0, 0.1, 1e-3, jnp.nan]))
+  b = DEQStats(jnp.asarray(2), jnp.asarray(1.0), jnp.asarray(1e-2),
+               jnp.asarray(0.5), jnp.asarray(1),
+               jnp.asarray([2.0, 1e-2, jnp.nan, jnp.nan]))
+  merged = DEQStats.merge(jax.tree.map(lambda *v: jnp.stack(v), a, b))
+  assert int(merged.num_steps) == 3
+  assert float(merged.mean_steps) == 1.5
+  assert float(merged.max_residual) == pytest.approx(1e-2)
+  assert float(merged.converged_fraction) == 0.75
+  assert int(merged.status) == jaxdeq.Status.MAX_STEPS_REACHED
+  np.testing.assert_allclose(merged.trace, [2.0, 0.1, 1e-3, np.nan])
 
 
 def test_deq_ensemble_under_nnx_vmap():
@@ -449,3 +519,33 @@ def test_stop_active_ends_the_loop_early():
   still_going = int(jnp.sum(~early.stats.converged))
   assert 0 < still_going <= 10
   assert int(early.stats.num_steps) < int(full.stats.num_steps)
+
+
+@pytest.mark.parametrize("x_shape, z0_shape, expected", [
+    ((4, 7), None, r"DEQ\(TanhCell\): the state z0 float32\[4,7\] and the"
+     r" input x float32\[4,7\] do not fit the cell.*contracting dimensions"),
+    ((4, 8), (4, 5), r"z0 float32\[4,5\] and the input x float32\[4,8\] do"
+     r" not fit the cell"),
+    ((4, 8), (3, 8), r"z0 float32\[3,8\] and the input x float32\[4,8\]"),
+    ((8,), None, r"residual_jacobian \(a DEQ's states and inputs carry a"
+     r" leading batch axis\)"),
+])
+def test_deq_names_itself_the_cell_and_both_shapes_on_a_mismatch(
+    x_shape, z0_shape, expected):
+  deq = DEQ(TanhCell(8, rngs=nnx.Rngs(0)))
+  z0 = None if z0_shape is None else jnp.zeros(z0_shape)
+  with pytest.raises(ValueError, match=expected):
+    deq(jnp.ones(x_shape), z0=z0)
+  with pytest.raises(ValueError, match=expected):  # the same under nnx.jit
+    nnx.jit(lambda deq, x: deq(x, z0=z0))(deq, jnp.ones(x_shape))
+
+
+def test_deq_names_a_cell_that_changes_the_state_shape():
+  class Widening(nnx.Module):
+
+    def __call__(self, z, x):
+      return jnp.concatenate([z, x], axis=-1)
+
+  with pytest.raises(ValueError, match=r"DEQ\(Widening\).*the cell returns"
+                     r" float32\[2,6\], not a state like z0"):
+    DEQ(Widening())(jnp.ones((2, 3)))

@@ -144,7 +144,9 @@ class ImplicitAdjoint(AbstractAdjoint):
       whose linear iteration barely contracts.
     callback: optional host function called with the `SolverStats` of each
       reverse-mode backward solve (through `jax.debug.callback`).
-    throw: raise `FixedPointError` when a backward solve fails.
+    throw: raise `FixedPointError` when a backward solve fails (under
+      `jax.jit` inside `jax.errors.JaxRuntimeError`: see
+      `jaxdeq.catch_failures`).
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq

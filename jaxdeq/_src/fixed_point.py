@@ -386,7 +386,13 @@ def _check_batch(z0) -> int:
 
 def _check_output(f, z0, args, has_aux, batched) -> None:
   skip = 0 if batched else 1
-  out = jax.eval_shape(f, z0, args)
+  try:
+    out = jax.eval_shape(f, z0, args)
+  except (TypeError, ValueError, IndexError) as error:
+    raise ValueError(
+        f"fixed_point: f(z0, args) fails for z0 {tree.describe(z0)}; check"
+        f" z0's shape against what f expects ({type(error).__name__}:"
+        f" {error})") from error
   if has_aux:
     if not (isinstance(out, tuple) and len(out) == 2):
       raise ValueError(

@@ -125,18 +125,26 @@ def raise_if_failed(status: jax.Array, residual: jax.Array, tol: float,
   the error surfaces when the jitted computation runs.
   """
 
+  traced = isinstance(status, jax.core.Tracer)
+
   def check(status, residual):
     if int(status) != Status.SUCCESSFUL:
       message = failure_message(status, residual, tol, where)
       _last_failure.append(message)
       del _last_failure[:-1]
-      raise FixedPointError(message)
+      raise FixedPointError(message + (_JITTED_HINT if traced else ""))
 
-  if isinstance(status, jax.core.Tracer):
+  if traced:
     jax.debug.callback(check, status, residual)
   else:
     check(status, residual)
 
+
+_JITTED_HINT = (
+    " (Raised in a jitted computation, so JAX reports it as"
+    " jax.errors.JaxRuntimeError: wrap the jitted function in"
+    " jaxdeq.catch_failures to get this FixedPointError with its message"
+    " first.)")
 
 # The message of the last failure a host callback raised: JAX wraps the
 # callback's exception in a JaxRuntimeError; `catch_failures` reads it back.

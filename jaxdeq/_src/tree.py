@@ -166,3 +166,26 @@ class Raveller(NamedTuple):
       leaves.append(part.astype(dtype))
       start += size
     return jax.tree.unflatten(self.treedef, leaves)
+
+
+def describe(tree: Any) -> str:
+  """Shapes and dtypes of a pytree's leaves, for error messages:
+  `float32[4,8]` for one array, `(float32[4,8], int32[4])` for a tuple."""
+
+  def leaf(x):
+    try:
+      return jax.typeof(x).str_short()
+    except TypeError:
+      return repr(x)
+
+  leaves, treedef = jax.tree.flatten(tree)
+  if treedef == jax.tree.structure(0):
+    return leaf(leaves[0])
+  return str(jax.tree.unflatten(treedef, [_Shown(leaf(x)) for x in leaves]))
+
+
+class _Shown(str):
+  """A string that prints without quotes inside a container's repr."""
+
+  def __repr__(self) -> str:
+    return str(self)

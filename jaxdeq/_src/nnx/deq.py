@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 from flax import errors as flax_errors
 from flax import nnx
 
@@ -15,6 +17,7 @@ from jaxdeq._src import fixed_point as fixed_point_lib
 from jaxdeq._src import loop
 from jaxdeq._src import regularizers
 from jaxdeq._src import solution as solution_lib
+from jaxdeq._src import tree
 from jaxdeq._src.nnx import stabilizers
 from jaxdeq._src.solvers import anderson
 from jaxdeq._src.solvers import base
@@ -71,6 +74,33 @@ class DEQStats(NamedTuple):
         trace=trace,
     )
 
+  @classmethod
+  def merge(cls, stacked: "DEQStats") -> "DEQStats":
+    """One summary of `DEQStats` stacked along a leading axis (the calls of
+    one layer over several inputs, e.g. under `nnx.vmap`).
+
+    The most steps, the mean of the per-call means and converged shares, the
+    worst residual and status, and each step's worst residual.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxdeq.nnx import DEQStats
+      >>> a = DEQStats.empty(3)._replace(num_steps=jnp.asarray(2))
+      >>> b = DEQStats.empty(3)._replace(num_steps=jnp.asarray(5))
+      >>> stacked = jax.tree.map(lambda *v: jnp.stack(v), a, b)
+      >>> int(DEQStats.merge(stacked).num_steps)
+      5
+    """
+    return cls(
+        num_steps=jnp.max(stacked.num_steps, axis=0),
+        mean_steps=jnp.mean(stacked.mean_steps, axis=0),
+        max_residual=jnp.max(stacked.max_residual, axis=0),
+        converged_fraction=jnp.mean(stacked.converged_fraction, axis=0),
+        status=jnp.max(stacked.status, axis=0),
+        # NaN marks the steps after a call's last one, not a failure.
+        trace=jnp.nanmax(stacked.trace, axis=0),
+    )
+
 
 class SolverStatsVariable(nnx.Variable):
   """Holds the `DEQStats` of a DEQ's last call (a value, not a parameter)."""
@@ -94,9 +124,13 @@ class DEQ(nnx.Module):
   The cell's parameters travel to the solver as differentiable `args`, so the
   chosen adjoint differentiates them and `x`. Solver statistics of the last
   call are kept as values in `deq.stats` (a `SolverStatsVariable` holding
-  `DEQStats`) wherever the layer's variables may be written (not under a
-  plain `jax.vmap` of a function that calls it: use `deq.solve(x)` there);
-  `deq.solve(x)` returns the full per-sample `Solution`. A cell that offers
+  `DEQStats`); `deq.solve(x)` returns the full per-sample `Solution`. Under
+  `nnx.vmap` with the layer broadcast (`in_axes=(None, 0)`: shared weights,
+  batched inputs) `deq.stats` holds one `DEQStats.merge` of all the inputs;
+  with the layer's state split along an axis (an ensemble) one record per
+  member. A plain JAX transform of a function that closes over the layer
+  (`jax.vmap(lambda x: deq(x))`) cannot write its variables: the call
+  warns that `deq.stats` still holds the previous call's value. A cell that offers
   `residual_jacobian(z, x)` (the Jacobian of g = z - cell(z, x), as
   `TanhCell` does) hands it to solvers that use one (dense `Newton`).
 
@@ -111,7 +145,10 @@ class DEQ(nnx.Module):
     z_init: "zeros" (z0 = 0 shaped like x) or a function x -> z0 (any
       pytree of floating arrays with the batch leading).
     throw: raise `jaxdeq.FixedPointError` when the forward solve fails (for
-      the implicit backward: `ImplicitAdjoint(throw=True)`).
+      the implicit backward: `ImplicitAdjoint(throw=True)`). Under `jax.jit`
+      or `nnx.jit` JAX reports it as `jax.errors.JaxRuntimeError` with the
+      message at its end; wrap the jitted step in `jaxdeq.catch_failures`
+      to get the `FixedPointError` itself.
     unconverged: "keep" (default) returns the best iterate of a sample that
       missed `tol`; "zero" returns zeros for it, so that it contributes no
       gradient, as the tutorial's unrolled Newton layer does. Backprop through
@@ -340,21 +377,28 @@ class DEQ(nnx.Module):
     solver = self.solver if training else self.eval_solver
     probe = (self.backward_probe[...]
              if hasattr(self.adjoint, "solve_with_probe") else None)
-    sizes = _phase_sizes(_batch_size(z0)) if self.compact else []
-    if len(sizes) > 1:
-      sol = _compacted_solve(cell_map, z0, cell_state, x, solver,
-                             self.adjoint, probe, max_steps, sizes)
-    else:
-      sol = fixed_point_lib.fixed_point(
-          cell_map, z0, (cell_state, x), solver=solver,
-          adjoint=self.adjoint, throw=self.throw, backward_probe=probe,
-          max_steps=max_steps,
-          record_steps=self.record_steps if training else ())
-    _record(self.stats, DEQStats.summarize(sol.stats, self.trace_rows))
+    try:
+      sizes = _phase_sizes(_batch_size(z0)) if self.compact else []
+      if len(sizes) > 1:
+        sol = _compacted_solve(cell_map, z0, cell_state, x, solver,
+                               self.adjoint, probe, max_steps, sizes)
+      else:
+        sol = fixed_point_lib.fixed_point(
+            cell_map, z0, (cell_state, x), solver=solver,
+            adjoint=self.adjoint, throw=self.throw, backward_probe=probe,
+            max_steps=max_steps,
+            record_steps=self.record_steps if training else ())
+    except (TypeError, ValueError, IndexError) as error:
+      mismatch = _cell_mismatch(self.cell, cell_map, z0, cell_state, x)
+      if mismatch is None:
+        raise
+      raise ValueError(mismatch) from error
+    _record(self.stats, jax.lax.stop_gradient(
+        DEQStats.summarize(sol.stats, self.trace_rows)), DEQStats.merge)
     if training and self.jacobian_penalty:
       _record(self.penalty, _mean_penalty(
           cell_map, cell_state, x, sol.value, self.rngs(),
-          self.penalty_probes))
+          self.penalty_probes), lambda stacked: jnp.mean(stacked, axis=0))
     if self.unconverged == "zero":
       converged = sol.stats.converged
       sol = sol._replace(value=jax.tree.map(
@@ -469,17 +513,112 @@ def _mean_penalty(cell_map, cell_state, x, z, key, num_probes) -> jax.Array:
       jnp.float32)
 
 
-def _record(variable: nnx.Variable, value: Any) -> None:
-  """Stores the stats where that is legal, and skips it where it is not.
+def _cell_mismatch(cell, cell_map, z0, cell_state, x) -> Optional[str]:
+  """Why the cell does not fit (z0, x), or None when it does."""
+  where = (f"DEQ({type(cell).__name__}): the state z0 {tree.describe(z0)}"
+           f" and the input x {tree.describe(x)}")
+  hint = ("check x's feature size against the cell's, and z0 (given, or"
+          " made by z_init: zeros shaped like x by default) against the"
+          " state the cell returns")
+  try:
+    out = jax.eval_shape(cell_map, z0, (cell_state, x))
+  except Exception as error:  # pylint: disable=broad-except
+    return (f"{where} do not fit the cell: {hint}. The cell raised"
+            f" {type(error).__name__}: {error}")
+  same = jax.tree.structure(out) == jax.tree.structure(z0) and all(
+      (o.shape, o.dtype) == (z.shape, z.dtype)
+      for o, z in zip(jax.tree.leaves(out), jax.tree.leaves(z0)))
+  if not same:
+    return (f"{where}: the cell returns {tree.describe(out)}, not a state"
+            f" like z0; {hint}")
+  if hasattr(cell_map, "residual_jacobian"):
+    try:
+      jax.eval_shape(cell_map.residual_jacobian, z0, (cell_state, x))
+    except Exception as error:  # pylint: disable=broad-except
+      return (f"{where} do not fit the cell's residual_jacobian (a DEQ's"
+              f" states and inputs carry a leading batch axis). It raised"
+              f" {type(error).__name__}: {error}")
+  return None
 
-  Under `jax.vmap` (or another JAX transform) of a function that calls the
-  layer, the layer's variables belong to an outer trace and cannot be
-  written; the stats of such a call are in `deq.solve(x).stats` instead.
+
+def _record(variable: nnx.Variable, value: Any,
+            merge: Callable[[Any], Any]) -> None:
+  """Stores `value` in the layer's `variable`, where the layer may write.
+
+  Under `nnx.vmap` with the layer broadcast (`in_axes=None` for it) the
+  variable is not batched but `value` is: `merge` summarises the vmapped
+  axis away, so the variable holds one record of all the inputs. Under a
+  plain JAX transform of a function that closes over the layer
+  (`jax.vmap(lambda x: deq(x))`) the variable belongs to an outer trace and
+  cannot be written: a warning says so, since it still holds the previous
+  call's value.
   """
+  value = _merge_unbatched(value, variable.get_value(), merge)
   try:
     variable.set_value(value)
   except flax_errors.TraceContextError:
-    pass
+    warnings.warn(
+        f"DEQ: {type(variable).__name__} not updated: this call runs under"
+        f" a JAX transform (jax.vmap, jax.grad, jax.jit, ...) of a function"
+        f" that closes over the layer, whose variables belong to an outer"
+        f" trace, so it still holds the previous call's value. Pass the"
+        f" layer to an nnx transform (nnx.vmap, nnx.grad, nnx.jit) instead,"
+        f" or read deq.solve(x).stats.", stacklevel=4)
+
+
+def _merge_unbatched(value: Any, like: Any,
+                     merge: Callable[[Any], Any]) -> Any:
+  """`value`, with each vmapped axis along which `like` is not batched
+  summarised away by `merge` (given the value stacked on axis 0)."""
+  if not _batched_unlike(value, like):
+    return value
+
+  @custom_batching.custom_vmap
+  def fit(value, like):
+    del like
+    return value
+
+  @fit.def_vmap
+  def rule(axis_size, in_batched, value, like):
+    value_batched, like_batched = in_batched
+    stacked = jax.tree.map(
+        lambda v, b: v if b else jnp.broadcast_to(v, (axis_size,) + v.shape),
+        value, value_batched)
+    if any(jax.tree.leaves(like_batched)):
+      return stacked, jax.tree.map(lambda _: True, value)
+    # Inner vmaps (if any) have already merged their axes.
+    merged = merge(stacked)
+    return merged, jax.tree.map(lambda _: False, merged)
+
+  return fit(value, like)
+
+
+def _batched_unlike(value: Any, like: Any) -> bool:
+  """Whether `value` is batched along a vmapped axis that `like` is not.
+
+  Found at trace time by the batching rule of a `custom_vmap` probe, which
+  runs only under `vmap`; the probe's output is unused. Its inputs carry no
+  derivatives, so it also runs under `grad` without a `vmap`, where a
+  `custom_vmap` with differentiable inputs cannot be linearised.
+  """
+  found = []
+
+  @custom_batching.custom_vmap
+  def probe(value, like):
+    del like
+    return value
+
+  @probe.def_vmap
+  def rule(axis_size, in_batched, value, like):
+    del axis_size
+    value_batched, like_batched = in_batched
+    if any(jax.tree.leaves(value_batched)) and not any(
+        jax.tree.leaves(like_batched)):
+      found.append(True)
+    return value, value_batched
+
+  probe(jax.lax.stop_gradient(value), jax.lax.stop_gradient(like))
+  return bool(found)
 
 
 @dataclasses.dataclass(frozen=True)
