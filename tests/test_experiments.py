@@ -1,6 +1,7 @@
 """End-to-end runs of the experiments on small data, on CPU."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments.cifar10 import train as cifar_train
-from experiments.common import data, layers, training
+from experiments.common import data, layers, outputs, training
 from experiments.mnist import train as mnist_train
 from tests import helpers
 
@@ -136,16 +137,23 @@ def test_stabiliser_flags_are_checked(mnist_dir, tmp_path):
         "fixed_point")
 
 
-def test_resume_gives_the_uninterrupted_numbers(mnist_dir, tmp_path):
+def test_resume_gives_the_uninterrupted_numbers(mnist_dir, tmp_path,
+                                                caplog):
   straight = mnist_train.train_and_evaluate(
       mnist_config(mnist_dir, tmp_path / "a", epochs=3), "deq")
   workdir = str(tmp_path / "work")
   first = mnist_train.train_and_evaluate(
       mnist_config(mnist_dir, tmp_path / "b", epochs=2, workdir=workdir),
       "deq")
-  resumed = mnist_train.train_and_evaluate(
-      mnist_config(mnist_dir, tmp_path / "b", epochs=3, workdir=workdir),
-      "deq")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    resumed = mnist_train.train_and_evaluate(
+        mnist_config(mnist_dir, tmp_path / "b", epochs=3, workdir=workdir),
+        "deq")
+  # Restored without warnings a user cannot act on (orbax's "could not be
+  # restored" for items it had no handler for).
+  assert not [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING], caplog.text
   assert resumed[:2] == first
   for key in ("train_error", "train_loss", "test_error", "test_loss",
               "forward_steps", "backward_steps"):
@@ -394,6 +402,115 @@ def test_bad_output_paths_fail_before_training(mnist_dir, tmp_path, flag,
   assert sorted(os.listdir(tmp_path)) == before  # nothing left behind
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_an_output_directory_that_cannot_be_created_fails_first(
+    mnist_dir, tmp_path, monkeypatch):
+  loaded = []
+  monkeypatch.setattr(data, "load", lambda *a: loaded.append(a))
+  started = time.perf_counter()
+  with pytest.raises(ValueError, match="--plots /proc/jaxdeq/x: cannot"
+                     " write there"):
+    mnist_train.train_and_evaluate(
+        mnist_config(mnist_dir, tmp_path, plots="/proc/jaxdeq/x"), "deq")
+  assert not loaded and time.perf_counter() - started < 5
+  assert not os.listdir(tmp_path)  # nothing written
+  # A new directory passes the check and is not left behind by it.
+  config = mnist_config(mnist_dir, tmp_path, plots=str(tmp_path / "a/b"))
+  outputs.check_paths(config)
+  assert not os.listdir(tmp_path)
+
+
+def test_metrics_are_written_through_a_symbolic_link(tmp_path):
+  target = tmp_path / "real" / "metrics.jsonl"
+  target.parent.mkdir()
+  target.write_text("stale\n")
+  link = tmp_path / "link.jsonl"
+  link.symlink_to(target)
+  outputs.check_paths(mnist_config("unused", tmp_path,
+                                   metrics_out=str(link)))
+  outputs.write_metrics(str(link), [{"epoch": 1}, {"epoch": 2}])
+  assert link.is_symlink() and os.readlink(link) == str(target)
+  assert read_metrics(target) == [{"epoch": 1}, {"epoch": 2}]
+  assert sorted(os.listdir(target.parent)) == ["metrics.jsonl"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev")
+def test_metrics_out_refuses_a_device_node(tmp_path):
+  with pytest.raises(ValueError, match="/dev/null is not a regular file"):
+    outputs.check_paths(mnist_config("unused", tmp_path,
+                                     metrics_out="/dev/null"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "{tmp}/cfg.yaml"], "a config is a Python file (.py)"),
+    (["--fp-weight", "1,2"], "--fp-weight weighs the fixed-point"
+     " correction's losses: it needs --fp-correction"),
+    (["--workdir", ""], "--workdir is empty; leave the flag out instead"),
+    (["--metrics-out", " "], "--metrics-out is empty"),
+])
+def test_command_line_refusals_are_one_line(argv, message, tmp_path):
+  (tmp_path / "cfg.yaml").write_text("epochs: 3\n")
+  argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+  result = run_cli(["--data-dir", str(tmp_path), *argv])
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def _interrupt_after_epochs(args, metrics, epochs):
+  """Starts the MNIST command line, sends SIGINT once `epochs` epochs are in
+  `metrics`; returns the finished process's (returncode, stderr)."""
+  process = subprocess.Popen(
+      [sys.executable, "-m", "experiments.mnist", *args], cwd=REPO,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if metrics.exists() and len(read_metrics(metrics)) >= epochs:
+      break
+    time.sleep(0.02)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  return process.returncode, stderr
+
+
+def test_ctrl_c_is_one_line_and_leaves_a_resumable_workdir(mnist_dir,
+                                                           tmp_path):
+  workdir, metrics = tmp_path / "work", tmp_path / "m.jsonl"
+  args = ["--layer", "fixed_point", "--data-dir", mnist_dir, "--epochs",
+          "200", "--batch-size", "100", "--no-progress", "--workdir",
+          str(workdir), "--metrics-out", str(metrics)]
+  code, stderr = _interrupt_after_epochs(args, metrics, 1)
+  assert code == 130, stderr
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr
+  saved = len(read_metrics(metrics))
+  assert lines[0] == (
+      f"interrupted: epochs 1-{saved} are saved in {workdir}; resume with:"
+      f" python -m experiments.mnist {' '.join(args)}")
+  assert str(saved) in os.listdir(workdir / "checkpoints")
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_gives_the_uninterrupted_numbers(mnist_dir,
+                                                            tmp_path):
+  args = ["--layer", "deq", "--data-dir", mnist_dir, "--epochs", "4",
+          "--batch-size", "50", "--no-progress"]
+  straight = run_cli(args + ["--metrics-out", str(tmp_path / "s.jsonl")],
+                     timeout=600)
+  assert straight.returncode == 0, straight.stderr
+  resume = args + ["--workdir", str(tmp_path / "work"), "--metrics-out",
+                   str(tmp_path / "k.jsonl")]
+  code, stderr = _interrupt_after_epochs(resume, tmp_path / "k.jsonl", 2)
+  assert code == 130 and "resume with" in stderr, stderr
+  resumed = run_cli(resume, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resuming after epoch" in resumed.stdout
+  for a, b in zip(read_metrics(tmp_path / "k.jsonl"),
+                  read_metrics(tmp_path / "s.jsonl"), strict=True):
+    for key in ("train_error", "train_loss", "test_error", "test_loss"):
+      assert a[key] == b[key], key
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DEBIAN_DIR),
                     reason="apt-get install dataset-fashion-mnist")
@@ -423,3 +540,20 @@ def test_mnist_fixed_point_compacts_unless_a_stabiliser_needs_the_batch():
         models.make_deq("fixed_point", nnx.Rngs(0), options)
     else:
       assert not models.make_deq("fixed_point", nnx.Rngs(0), options).compact
+
+
+def test_residual_plot_shows_gmres_backward_at_its_iteration_count(tmp_path):
+  from flax import nnx
+  from experiments.common import plots
+  experiment = mnist_train.experiment("newton_implicit")
+  model = experiment.make_model(nnx.Rngs(0), layers.DeqOptions())
+  images = np.random.default_rng(0).integers(0, 255, (8, 28, 28, 1),
+                                             dtype=np.uint8)
+  forward, backward, steps = plots.residual_traces(
+      experiment, model, experiment.preprocess(images))
+  assert forward.shape[1] == 8 and len(forward) >= 2
+  # GMRES reports its residual once, after all its iterations.
+  assert backward.shape == (1, 8) and steps > 1
+  paths = plots.write_all(str(tmp_path), experiment, model, [],
+                          experiment.preprocess(images))
+  assert [os.path.basename(p) for p in paths] == ["residuals.png"]

@@ -7,7 +7,7 @@ import sys
 
 from experiments.cifar10 import train
 from experiments.cifar10.configs import default
-from experiments.common import cli, data, training, xla_cpu
+from experiments.common import cli, training, xla_cpu
 
 
 def parse_config(argv=None) -> training.Config:
@@ -49,13 +49,12 @@ def _parse(argv=None) -> tuple[training.Config, bool]:
 
 
 def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
   config, xla_defaults = _parse(argv)
   if not xla_defaults:
     xla_cpu.use_conv_flags()
-  try:
-    train.train_and_evaluate(config)
-  except (data.DataError, ValueError) as error:
-    sys.exit(f"error: {error}")
+  cli.run(lambda: train.train_and_evaluate(config), config,
+          ["experiments.cifar10", *argv])
 
 
 if __name__ == "__main__":

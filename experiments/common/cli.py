@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
+import shlex
+import sys
 from pathlib import Path
+from typing import Callable
 
-from experiments.common import layers, training
+from experiments.common import data, training
 
 
 def _positive(convert, kind: str):
@@ -83,7 +87,7 @@ _non_negative = _number_in(0.0, float("inf"), "a number >= 0")
 
 
 def add_deq_flags(parser: argparse.ArgumentParser) -> None:
-  """The DEQ stabilisers (see README, "Training a DEQ that stays stable")."""
+  """The DEQ stabilisers (see docs/stability.md)."""
   group = parser.add_argument_group(
       "DEQ stabilisers", argument_default=argparse.SUPPRESS)
   group.add_argument("--jacobian-penalty", type=_non_negative,
@@ -144,7 +148,8 @@ def add_common_flags(parser: argparse.ArgumentParser, epochs_help: str,
   add("--no-progress", action="store_true", default=argparse.SUPPRESS,
       help="no tqdm progress bar")
   cluster = parser.add_argument_group(
-      "multi-process data parallel (see README, \"Several processes\")",
+      "multi-process data parallel (see docs/experiments.md, \"Several"
+      " processes\")",
       argument_default=argparse.SUPPRESS)
   cluster.add_argument(
       "--distributed", action="store_true",
@@ -165,6 +170,10 @@ def load_config(path: str) -> training.Config:
   file = Path(path)
   if not file.is_file():
     raise ValueError(f"--config {path}: no such file")
+  if file.suffix != ".py":
+    raise ValueError(f"--config {path}: a config is a Python file (.py)"
+                     " whose get_config() returns a training.Config, as in"
+                     " experiments/mnist/configs/default.py")
   spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -205,3 +214,43 @@ def config_from_args(args: argparse.Namespace,
   if deq:
     overrides["deq_options"] = base.deq_options._replace(**deq)
   return dataclasses.replace(base, **overrides)
+
+
+def run(train: Callable[[], object], config: training.Config,
+        argv: list[str]) -> None:
+  """Runs `train()` for a command line: a data or settings error is one line
+  (exit 1), and Ctrl-C one line that says what was saved and how to resume
+  (exit 130; the workdir stays resumable)."""
+  try:
+    train()
+  except (data.DataError, ValueError) as error:
+    sys.exit(f"error: {error}")
+  except KeyboardInterrupt:
+    print(interrupted_message(config, argv), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # No interpreter teardown: XLA's threads may still be compiling or
+    # running the interrupted step, and tearing down under them can crash.
+    # Nothing is left to write: checkpoints hold Ctrl-C until they are done.
+    os._exit(130)
+
+
+def interrupted_message(config: training.Config, argv: list[str]) -> str:
+  """What an interrupted run left behind, and the command that resumes it."""
+  if not config.workdir:
+    return ("interrupted: nothing saved (no --workdir); give --workdir DIR to"
+            " make a run resumable")
+  saved = _saved_epochs(Path(config.workdir) / "checkpoints")
+  command = shlex.join(["python", "-m", *argv])
+  if not saved:
+    return (f"interrupted before the first epoch was saved in"
+            f" {config.workdir}; rerun to start again: {command}")
+  return (f"interrupted: epochs 1-{max(saved)} are saved in {config.workdir};"
+          f" resume with: {command}")
+
+
+def _saved_epochs(directory: Path) -> list[int]:
+  """The epochs orbax finished writing (a step's directory is renamed to
+  its number only once complete)."""
+  if not directory.is_dir():
+    return []
+  return [int(p.name) for p in directory.iterdir() if p.name.isdigit()]

@@ -15,8 +15,10 @@ def residual_traces(experiment, model, inputs):
   """Forward and implicit-backward residual traces of the DEQ on a batch.
 
   Returns:
-    (forward, backward): arrays (steps, batch); backward is None when the
-    layer's adjoint is not implicit (there is no backward solve to trace).
+    (forward, backward, backward_steps): arrays (steps, batch) and the
+    backward solve's step count; backward is None when the layer's adjoint
+    is not implicit (there is no backward solve to trace). A GMRES backward
+    records one row, its residual after all `backward_steps` iterations.
   """
   layer = experiment.deq(model)
   x = experiment.deq_input(model, inputs)
@@ -24,7 +26,7 @@ def residual_traces(experiment, model, inputs):
   steps = int(forward.num_steps)
   forward_trace = np.asarray(forward.trace[:steps])
   if not isinstance(layer.adjoint, jaxdeq.ImplicitAdjoint):
-    return forward_trace, None
+    return forward_trace, None, 0
   captured = []
   cell_map, cell_state = layer.cell_map()
   adjoint = jaxdeq.ImplicitAdjoint(solver=layer.adjoint.solver,
@@ -44,9 +46,10 @@ def residual_traces(experiment, model, inputs):
   jax.block_until_ready(jax.jit(jax.grad(pulled))(x, cell_state, z0))
   jax.effects_barrier()
   if not captured:  # the callback ran in another process (multi-process)
-    return forward_trace, None
+    return forward_trace, None, 0
   stats = captured[-1]
-  return forward_trace, np.asarray(stats.trace[:int(stats.num_steps)])
+  steps = int(stats.num_steps)
+  return forward_trace, np.asarray(stats.trace[:steps]), steps
 
 
 def write_all(directory, experiment, model, history, inputs) -> list[str]:
@@ -56,7 +59,8 @@ def write_all(directory, experiment, model, history, inputs) -> list[str]:
   of a multi-process run: their devices take part in the solves).
   """
   model.eval()
-  forward, backward = residual_traces(experiment, model, inputs)
+  forward, backward, backward_steps = residual_traces(experiment, model,
+                                                      inputs)
   if directory is None:
     return []
   import matplotlib
@@ -69,15 +73,23 @@ def write_all(directory, experiment, model, history, inputs) -> list[str]:
   paths = []
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-  for trace, label, color in ((forward, "forward", "C0"),
-                              (backward, "backward", "C1")):
+  for trace, label, color, count in (
+      (forward, "forward", "C0", None),
+      (backward, "backward", "C1", backward_steps)):
     if trace is None or trace.size == 0:
+      continue
+    if count is not None and len(trace) < count:
+      # GMRES keeps no per-iteration residuals: one point, at its count.
+      ax.semilogy([count], [np.nanmax(trace[-1])], "s", color=color,
+                  label=f"{label} (worst sample; GMRES: residual after"
+                  f" {count} iterations)")
       continue
     steps = np.arange(1, len(trace) + 1)
     ax.semilogy(steps, np.nanmax(trace, axis=1), ".-", color=color,
                 label=f"{label} (worst sample)")
     ax.semilogy(steps, np.nanmedian(trace, axis=1), ".--", color=color,
                 label=f"{label} (median)")
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   tol = experiment.deq(model).solver.tol
   ax.axhline(tol, color="gray", lw=0.8, ls=":", label=f"tol {tol:g}")
   ax.set_xlabel("solver step")

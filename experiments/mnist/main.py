@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from experiments.common import cli, data, training
+from experiments.common import cli, training
 from experiments.mnist import models, train
 from experiments.mnist.configs import default
 
@@ -45,11 +45,10 @@ def parse_config(argv=None) -> training.Config:
 
 
 def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
   config = parse_config(argv)
-  try:
-    train.train_and_evaluate(config)
-  except (data.DataError, ValueError) as error:
-    sys.exit(f"error: {error}")
+  cli.run(lambda: train.train_and_evaluate(config), config,
+          ["experiments.mnist", *argv])
 
 
 if __name__ == "__main__":

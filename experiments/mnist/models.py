@@ -34,7 +34,7 @@ LAYERS = {
 }
 
 
-# Backprop through a long Newton trajectory can explode (see README): these
+# Backprop through a long Newton trajectory can explode (docs/guide.md): these
 # layers' runs undo updates with gradient norm above this unless
 # --skip-grad-norm says otherwise.
 UNROLLED_NEWTON_SKIP_GRAD_NORM = {"newton": 100.0, "newton_dense": 100.0}

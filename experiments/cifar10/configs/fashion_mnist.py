@@ -1,5 +1,5 @@
-"""The conv DEQ on real images that a CPU can train (README, "A convolutional
-DEQ on real images"): 4,000 Fashion-MNIST training images, 3 epochs.
+"""The conv DEQ on real images that a CPU can train (docs/experiments.md,
+"Measured"): 4,000 Fashion-MNIST training images, 3 epochs.
 
   python -m experiments.cifar10 --config experiments/cifar10/configs/fashion_mnist.py
 """
