@@ -51,7 +51,7 @@ def run(name: str, epochs: int, data_dir: str, limit_train, seed: int):
   options = layers.DeqOptions(jacobian_penalty=flags.pop("jacobian_penalty",
                                                          0.0))
   skip = flags.pop("skip_grad_norm",
-                   mnist_models.UNROLLED_NEWTON_SKIP_GRAD_NORM.get(layer))
+                   mnist_models.LAYERS[layer].skip_grad_norm)
   config = training.Config(
       dataset="fashion_mnist", data_dir=data_dir, epochs=epochs,
       batch_size=100, seed=seed, limit_train=limit_train, progress=False,

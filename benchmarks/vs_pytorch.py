@@ -121,7 +121,7 @@ TARGETS = {"fixed_point": 3.0, "newton": 3.0, "newton_implicit": 3.0}
 
 def inner_solve(layer: str) -> str:
   """How a layer's Newton systems are solved: "GMRES", "LU" or "-"."""
-  solver = mnist_models.LAYERS[layer][0]
+  solver = mnist_models.LAYERS[layer].solver
   kind = getattr(solver, "linear_solver", None)
   return {"gmres": "GMRES", "dense": "LU"}.get(kind, "-")
 
@@ -129,7 +129,7 @@ def inner_solve(layer: str) -> str:
 def _train_pair(layer: str, dataset, args, weights, orders,
                 first_torch: bool) -> dict:
   """{"torch": epochs, "jaxdeq": epochs} of one round of `layer`."""
-  unrolled_newton = layer in mnist_models.UNROLLED_NEWTON_SKIP_GRAD_NORM
+  unrolled_newton = layer in ("newton", "newton_dense")
   skip_grad_norm = (args.skip_grad_norm
                     if unrolled_newton and args.skip_grad_norm > 0 else None)
   runs = {}

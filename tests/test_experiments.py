@@ -289,7 +289,8 @@ def test_kill_minus_nine_then_resume(mnist_dir, tmp_path):
     ("newton_dense", [], 100.0),
     ("newton", ["--skip-grad-norm", "5"], 5.0),
     ("fixed_point", [], None),
-    ("newton_implicit", [], None),
+    ("newton_implicit", [], 100.0),
+    ("newton_implicit_dense", [], None),
 ])
 def test_mnist_cli_skip_grad_norm_default(layer, flag, expected):
   from experiments.mnist import main as mnist_main

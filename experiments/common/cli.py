@@ -143,8 +143,8 @@ def add_common_flags(parser: argparse.ArgumentParser, epochs_help: str,
       help="use only the first N test examples")
   add("--skip-grad-norm", type=positive_float, default=argparse.SUPPRESS,
       help="also undo updates whose gradient norm exceeds this (default:"
-      " only non-finite ones, the tutorial's NaN guard; 100 for the unrolled"
-      " Newton MNIST layers)")
+      " only non-finite ones, the tutorial's NaN guard; 100 for the MNIST"
+      " layers newton, newton_dense and newton_implicit)")
   add("--no-progress", action="store_true", default=argparse.SUPPRESS,
       help="no tqdm progress bar")
   cluster = parser.add_argument_group(

@@ -32,15 +32,14 @@ def parse_config(argv=None) -> training.Config:
     config = cli.config_from_args(args, default.get_config())
   except ValueError as error:
     parser.error(str(error))
-  if config.model not in models.LAYERS:
-    parser.error(f"unknown layer {config.model!r}; choose one of"
-                 f" {', '.join(models.LAYERS)}")
+  try:
+    layer = models.get_layer(config.model)
+  except ValueError as error:  # a config file's model
+    parser.error(str(error))
   if config.epochs is None:
-    config = dataclasses.replace(config, epochs=models.LAYERS[config.model][3])
+    config = dataclasses.replace(config, epochs=layer.epochs)
   if config.skip_grad_norm is None:
-    config = dataclasses.replace(
-        config, skip_grad_norm=models.UNROLLED_NEWTON_SKIP_GRAD_NORM.get(
-            config.model))
+    config = dataclasses.replace(config, skip_grad_norm=layer.skip_grad_norm)
   return config
 
 

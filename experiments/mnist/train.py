@@ -18,9 +18,7 @@ def make_optimizer(steps_per_epoch: int, epochs: int):
 
 
 def experiment(layer: str) -> training.Experiment:
-  if layer not in models.LAYERS:
-    raise ValueError(f"unknown --layer {layer!r}; choose one of"
-                     f" {', '.join(models.LAYERS)}")
+  models.get_layer(layer)
   return training.Experiment(
       name=f"mnist/{layer}",
       make_model=functools.partial(models.make_model, layer),

@@ -390,9 +390,8 @@ class UnrolledAdjoint(AbstractAdjoint):
       residuals of one step); 0: checkpoints only. The default, 8 MiB, holds
       60 steps of the tutorial's fixed_point layer (batch 100, width 100:
       130 KB a step), about what it takes; a tape sized for steps that are
-      never taken costs its initialisation at every call (on CPU, writing
-      26 MB of zeros for 200 steps took a third of a training step).
-      Measured with `python -m benchmarks.unrolled`.
+      never taken costs its initialisation at every call
+      (`python -m benchmarks.unrolled` measures the trade-off).
   """
 
   memory_budget: int = 8 * 2**20
@@ -841,9 +840,8 @@ class PhantomAdjoint(_CheapAdjoint):
 
       # A few steps are unrolled in Python: XLA:CPU runs the kernel-gradient
       # convolutions of a loop body far slower than the same convolutions
-      # outside a loop (the ResNet cell's 5-step phantom backward took 3x the
-      # implicit one inside fori_loop). Many steps stay a loop: unrolled,
-      # their compilation grows with the steps.
+      # outside a loop. Many steps stay a loop: unrolled, their compilation
+      # grows with the steps.
       carry = (z_star, jnp.ones(z_star.shape[:1], bool))
       if self.steps <= _MAX_UNROLLED_PHANTOM_STEPS:
         for step in range(self.steps):

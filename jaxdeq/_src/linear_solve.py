@@ -135,7 +135,7 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
   dtype = b.dtype
   beta = jnp.linalg.norm(b, axis=1)
   # (batch, k+1, n): with the batch leading, the Gram-Schmidt products are
-  # batched matrix-vector dots, which XLA:CPU runs ~4x faster than the same
+  # batched matrix-vector dots, which XLA:CPU runs faster than the same
   # products over a (k+1, batch, n) basis.
   spec = control.batch_spec(b)
   spec = None if spec is None else spec + (None, None)

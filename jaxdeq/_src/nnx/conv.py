@@ -1,7 +1,7 @@
 """A 'SAME' stride-1 convolution whose input gradient is a plain convolution.
 
 XLA:CPU runs the stock input gradient of a convolution (a transposed
-convolution) about 20x slower inside a `while_loop` body than outside
+convolution) far slower inside a `while_loop` body than outside
 (jax-ml/jax#12868), and the implicit backward calls the cell's VJP in exactly
 such a loop. For odd kernels with 'SAME' padding and stride 1 the input
 gradient equals a forward convolution with the kernel flipped in space and its
