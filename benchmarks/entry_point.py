@@ -4,10 +4,11 @@
 
 Prints (1) the wall time of an eager `jaxdeq.fixed_point` call and an eager
 `deq(x)` after the first (which compiles), and (2) median milliseconds of a
-jitted forward+backward step of the tutorial's layers. It uses only the API
-that jaxdeq 0.1 already had, so running it with PYTHONPATH pointing at an
-older checkout (`git worktree add /tmp/old 0681c7a`) measures the same
-things on the old code: the implicit JVP rule against the old custom_vjp.
+jitted forward+backward step of the tutorial's layers. It uses only API
+that every jaxdeq release has, and names the jaxdeq it imported (version and
+location): to compare two versions, run it in an environment with each one
+installed (`pip install jaxdeq==VERSION`, or `pip install -e` of a checkout)
+and compare the tables.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
   rows = eager_rows(args.repeats) + step_rows(args.repeats)
-  body = (f"jaxdeq at {jaxdeq.__file__}\n\n"
+  body = (f"jaxdeq {jaxdeq.__version__} at {jaxdeq.__file__}\n\n"
           + _results.markdown_table(["what", "median ms"], rows))
   _results.report(body, record=args.record,
                   title="Entry point: eager calls and fwd+bwd steps",
