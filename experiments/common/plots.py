@@ -67,11 +67,29 @@ def write_all(directory, experiment, model, history, inputs) -> list[str]:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import matplotlib.ticker
 
   os.makedirs(directory, exist_ok=True)
+  figures = [("residuals.png", _residual_figure(
+      plt, experiment, model, forward, backward, backward_steps))]
+  if history:
+    figures.append(("curves.png", _curves_figure(plt, experiment, history)))
   paths = []
+  for name, fig in figures:
+    paths.append(os.path.join(directory, name))
+    fig.savefig(paths[-1])
+    plt.close(fig)
+  return paths
 
+
+def _integer_ticks(axis) -> None:
+  import matplotlib.ticker
+
+  axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+
+def _residual_figure(plt, experiment, model, forward, backward,
+                     backward_steps):
+  """Worst and median residual per solver step, forward and backward."""
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for trace, label, color, count in (
       (forward, "forward", "C0", None),
@@ -89,7 +107,7 @@ def write_all(directory, experiment, model, history, inputs) -> list[str]:
                 label=f"{label} (worst sample)")
     ax.semilogy(steps, np.nanmedian(trace, axis=1), ".--", color=color,
                 label=f"{label} (median)")
-  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  _integer_ticks(ax)
   tol = experiment.deq(model).solver.tol
   ax.axhline(tol, color="gray", lw=0.8, ls=":", label=f"tol {tol:g}")
   ax.set_xlabel("solver step")
@@ -97,44 +115,33 @@ def write_all(directory, experiment, model, history, inputs) -> list[str]:
   ax.set_title(f"{experiment.name}: residuals on one test batch")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  paths.append(os.path.join(directory, "residuals.png"))
-  fig.savefig(paths[-1])
-  plt.close(fig)
+  return fig
 
-  if history:
-    epochs = [row["epoch"] for row in history]
-    fig, (left, right, stability) = plt.subplots(1, 3, figsize=(15, 4),
-                                                 dpi=120)
-    left.plot(epochs, [r["train_error"] for r in history], "o-", label="train")
-    left.plot(epochs, [r["test_error"] for r in history], "o-", label="test")
-    left.set_xlabel("epoch")
-    left.set_ylabel("error")
-    left.legend()
-    right.plot(epochs, [r["forward_steps"] for r in history], "o-",
-               label="forward (train)")
-    right.plot(epochs, [r["backward_steps"] for r in history], "o-",
-               label="backward (train)")
-    right.set_xlabel("epoch")
-    right.set_ylabel("solver steps per batch")
-    right.legend()
-    stability.plot(epochs, [r.get("spectral_radius", np.nan) for r in history],
-                   "o-", label="spectral radius (mean)")
-    stability.plot(epochs, [r.get("spectral_radius_max", np.nan)
-                            for r in history], "o--",
-                   label="spectral radius (max)")
-    stability.plot(epochs, [r.get("jacobian_penalty", np.nan)
-                            for r in history], "s-",
-                   label="||df/dz||_F^2 / d")
-    stability.axhline(1.0, color="gray", lw=0.8, ls=":")
-    stability.set_xlabel("epoch")
-    stability.set_title("at z* on one test batch", fontsize=9)
-    stability.legend(fontsize=8)
-    for axis in (left, right, stability):
-      axis.xaxis.set_major_locator(
-          matplotlib.ticker.MaxNLocator(integer=True))
-    fig.suptitle(experiment.name)
-    fig.tight_layout()
-    paths.append(os.path.join(directory, "curves.png"))
-    fig.savefig(paths[-1])
-    plt.close(fig)
-  return paths
+
+def _curves_figure(plt, experiment, history):
+  """Errors, solver steps and the stability diagnostics over epochs."""
+  epochs = [row["epoch"] for row in history]
+  column = lambda key: [row.get(key, np.nan) for row in history]
+  fig, (left, right, stability) = plt.subplots(1, 3, figsize=(15, 4),
+                                               dpi=120)
+  left.plot(epochs, column("train_error"), "o-", label="train")
+  left.plot(epochs, column("test_error"), "o-", label="test")
+  left.set_ylabel("error")
+  right.plot(epochs, column("forward_steps"), "o-", label="forward (train)")
+  right.plot(epochs, column("backward_steps"), "o-", label="backward (train)")
+  right.set_ylabel("solver steps per batch")
+  stability.plot(epochs, column("spectral_radius"), "o-",
+                 label="spectral radius (mean)")
+  stability.plot(epochs, column("spectral_radius_max"), "o--",
+                 label="spectral radius (max)")
+  stability.plot(epochs, column("jacobian_penalty"), "s-",
+                 label="||df/dz||_F^2 / d")
+  stability.axhline(1.0, color="gray", lw=0.8, ls=":")
+  stability.set_title("at z* on one test batch", fontsize=9)
+  for axis in (left, right, stability):
+    axis.set_xlabel("epoch")
+    axis.legend(fontsize=8)
+    _integer_ticks(axis)
+  fig.suptitle(experiment.name)
+  fig.tight_layout()
+  return fig

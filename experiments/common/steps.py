@@ -90,25 +90,15 @@ def eval_metrics() -> nnx.MultiMetric:
       "loss", "error", "forward_steps")})
 
 
-def make_steps(experiment: Experiment,
-               skip_grad_norm: Optional[float] = None,
-               penalty_weight: float = 0.0,
-               fp_weights: tuple[float, ...] = (1.0,),
-               warm_start: bool = False):
-  """The jitted train and eval steps of an experiment.
+def make_loss(experiment: Experiment, penalty_weight: float = 0.0,
+              fp_weights: tuple[float, ...] = (1.0,)):
+  """(model, images, labels, mask=None, warm=None) -> (loss, aux).
 
-  Both steps update the `train_metrics()` / `eval_metrics()` they are given
-  in place. The loss is the cross-entropy at z*, plus `fp_weights[i]` times the
-  cross-entropy at correction state i (one weight: the same for all),
-  plus `penalty_weight`
-  times the DEQ's Jacobian penalty. A train step whose parameter gradients
-  are non-finite (the tutorial's NaN guard) or, with `skip_grad_norm`, whose
-  global gradient norm exceeds it, is counted in "skipped" and leaves the
-  model as it was: the optimiser must be `guarded(..., skip_grad_norm)`,
-  which skips the update, and the step restores the model's non-parameter
-  state. With
-  `warm_start`, the train step takes and returns the store of each training
-  example's last z* (and a seen mask) and starts its solve there.
+  The loss is the cross-entropy at z* (over the examples `mask` keeps),
+  plus `fp_weights[i]` times the cross-entropy at correction state i (one
+  weight: the same for all), plus `penalty_weight` times the DEQ's Jacobian
+  penalty. aux: (per-example losses, per-example errors, forward steps,
+  penalty, z*).
   """
 
   def loss_and_metrics(model, images, labels, mask=None, warm=None):
@@ -133,6 +123,27 @@ def make_steps(experiment: Experiment,
     stats = layer.stats.get_value()
     return loss, (losses, wrong, stats.num_steps, penalty, z_star)
 
+  return loss_and_metrics
+
+
+def make_steps(experiment: Experiment,
+               skip_grad_norm: Optional[float] = None,
+               penalty_weight: float = 0.0,
+               fp_weights: tuple[float, ...] = (1.0,),
+               warm_start: bool = False):
+  """The jitted train and eval steps of an experiment.
+
+  Both steps update the `train_metrics()` / `eval_metrics()` they are given
+  in place; the loss is `make_loss`'s. A train step whose parameter
+  gradients are non-finite (the tutorial's NaN guard) or, with
+  `skip_grad_norm`, whose global gradient norm exceeds it, is counted in
+  "skipped" and leaves the model as it was: the optimiser must be
+  `guarded(..., skip_grad_norm)`, which skips the update, and the step
+  restores the model's non-parameter state. With `warm_start`, the train
+  step takes and returns the store of each training example's last z* (and
+  a seen mask) and starts its solve there.
+  """
+  loss_and_metrics = make_loss(experiment, penalty_weight, fp_weights)
   wrt = nnx.DiffState(0, nnx.Any(nnx.Param, BackwardProbe))
   should_skip = functools.partial(_should_skip, skip_grad_norm=skip_grad_norm)
 
@@ -207,7 +218,6 @@ def make_diagnostics(experiment: Experiment, num_probes: int = 4,
     return penalty, jnp.mean(rho), jnp.max(rho)
 
   return diagnostics
-
 
 
 def compute(metrics: nnx.MultiMetric) -> dict[str, float]:

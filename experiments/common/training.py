@@ -16,11 +16,9 @@ metrics files); this module joins them.
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import threading
 import time
-from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -29,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments.common import checkpoints as checkpoints_lib
 from experiments.common import data as data_lib
+from experiments.common import device_data
 from experiments.common import outputs
 from experiments.common import steps as steps_lib
 from experiments.common.config import Config
@@ -37,10 +36,6 @@ from experiments.common.steps import Experiment, epoch_order
 
 __all__ = ["Config", "Experiment", "METRIC_KEYS", "epoch_order",
            "train_and_evaluate"]
-
-# Warm starts keep one z* per training example on the devices; past this
-# many bytes the flag is refused rather than exhausting device memory.
-WARM_START_MAX_BYTES = 2 << 30
 
 
 def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
@@ -60,7 +55,7 @@ def train_and_evaluate(config: Config, experiment: Experiment) -> list[dict]:
   run = _Run.build(config, experiment, dataset, steps_per_epoch)
   checkpoints = checkpoints_lib.Checkpoints(config.workdir)
   start, history, run.store = checkpoints.restore(
-      run.model, run.optimizer, run.store, put=_put)
+      run.model, run.optimizer, run.store, put=device_data.put)
   _log_start(config, experiment, dataset, run.model, start, history)
   if start >= config.epochs:
     log(f"the run in {config.workdir} is already complete: it holds {start}"
@@ -150,33 +145,6 @@ def _log_start(config, experiment, dataset, model, start, history) -> None:
     log(outputs.format_row(row))
 
 
-class _Batches(NamedTuple):
-  """Jitted functions that cut batches from the data on the devices."""
-
-  shuffle: object  # epoch -> the epoch's permutation of the training set
-  rows: object  # (order, index) -> the rows of batch `index`
-  gather: object  # (images, labels, order, index) -> the sharded batch
-
-
-def _batches(config: Config, size: int, replicated, batch_sharding
-             ) -> _Batches:
-  shuffle = jax.jit(functools.partial(epoch_order, config.seed, size=size),
-                    out_shardings=replicated)
-
-  @jax.jit
-  def rows(order, index):
-    return jax.lax.dynamic_slice_in_dim(order, index * config.batch_size,
-                                        config.batch_size)
-
-  @jax.jit
-  def gather(images, labels, order, index):
-    chosen = rows(order, index)
-    batch = images[chosen], labels[chosen]
-    return jax.lax.with_sharding_constraint(batch, batch_sharding)
-
-  return _Batches(shuffle, rows, gather)
-
-
 class _Run:
   """The model, optimiser, metrics, steps and data of one run, on devices."""
 
@@ -188,10 +156,10 @@ class _Run:
     run.steps_per_epoch = steps_per_epoch
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
-    run.batches = _batches(config, len(dataset.train_images), replicated,
+    run.batches = device_data.batches(config, len(dataset.train_images), replicated,
                            NamedSharding(mesh, PartitionSpec("data")))
     (run.train_images, run.train_labels, run.test_images,
-     run.test_labels) = _put((dataset.train_images, dataset.train_labels,
+     run.test_labels) = device_data.put((dataset.train_images, dataset.train_labels,
                               dataset.test_images, dataset.test_labels),
                              replicated)
     run.model = experiment.make_model(nnx.Rngs(config.seed),
@@ -202,7 +170,7 @@ class _Run:
     run.metrics = steps_lib.train_metrics()
     run.test_metrics = steps_lib.eval_metrics()
     objects = (run.model, run.optimizer, run.metrics, run.test_metrics)
-    nnx.update(objects, _put(nnx.state(objects), replicated))
+    nnx.update(objects, device_data.put(nnx.state(objects), replicated))
     run.train_step, run.eval_step = steps_lib.make_steps(
         experiment, config.skip_grad_norm,
         penalty_weight=config.deq_options.jacobian_penalty,
@@ -210,13 +178,13 @@ class _Run:
     run.diagnostics = steps_lib.make_diagnostics(experiment)
     run.store = None
     if config.warm_start:
-      run.store = _warm_start_store(experiment, run.model,
+      run.store = device_data.warm_start_store(experiment, run.model,
                                     dataset.train_images[:1],
                                     len(dataset.train_images), replicated)
     test_batches = -(-len(dataset.test_images) // config.batch_size)
     padded = np.arange(test_batches * config.batch_size)
     # The last test batch is padded with repeats that the mask leaves out.
-    run.test_order, run.test_mask = _put(
+    run.test_order, run.test_mask = device_data.put(
         (padded % len(dataset.test_images),
          (padded < len(dataset.test_images)).reshape(test_batches, -1)),
         replicated)
@@ -275,39 +243,3 @@ class _Run:
             "test_forward_steps": test["forward_steps"],
             "test_seconds": round(seconds, 3), "jacobian_penalty": penalty,
             "spectral_radius": rho, "spectral_radius_max": rho_max}
-
-
-def _put(tree, sharding):
-  """Values every process holds alike onto `sharding`, which may span the
-  devices of several processes (`jax.device_put` cannot take a jax.Array
-  there, and compares numpy values across processes, NaN != NaN)."""
-
-  def put_array(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding,
-                                        lambda index: x[index])
-
-  def put(x):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put_array(jax.random.key_data(x)),
-                                      impl=jax.random.key_impl(x))
-    return put_array(x)
-
-  return jax.tree.map(put, tree)
-
-
-def _warm_start_store(experiment, model, example_images, size, sharding):
-  """Zeros for each training example's z* and an all-False seen mask."""
-  shapes = jax.eval_shape(
-      lambda m, x: experiment.forward(m, experiment.preprocess(x), None)[2],
-      model, example_images)
-  nbytes = sum(size * int(np.prod(s.shape[1:])) * 4
-               for s in jax.tree.leaves(shapes))
-  if nbytes > WARM_START_MAX_BYTES:
-    raise ValueError(
-        f"--warm-start would keep {nbytes / 2**30:.1f} GiB of z* on the"
-        f" devices ({size} examples); the limit is"
-        f" {WARM_START_MAX_BYTES / 2**30:.0f} GiB: use --limit-train")
-  zeros = jax.tree.map(
-      lambda s: np.zeros((size,) + s.shape[1:], np.float32), shapes)
-  return _put((zeros, np.zeros((size,), bool)), sharding)
