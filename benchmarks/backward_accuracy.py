@@ -26,7 +26,7 @@ from jaxdeq.nnx import DEQ, ResNetCell, TanhCell
 
 BACKWARDS = {
     "implicit (reference)": jaxdeq.ImplicitAdjoint(
-        solver=jaxdeq.Broyden(tol=1e-7, max_steps=200, memory=30)),
+        linear_solver=jaxdeq.Broyden(tol=1e-7, max_steps=200, memory=30)),
     "implicit (forward's settings)": jaxdeq.ImplicitAdjoint(),
     "phantom, 5 steps, damping 0.5": jaxdeq.PhantomAdjoint(5, 0.5),
     "Neumann, 8 terms": jaxdeq.NeumannAdjoint(terms=8),

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jaxdeq
 from benchmarks import _results, torch_reference
 from experiments.common import data, training
 from experiments.mnist import models as mnist_models
@@ -122,8 +123,10 @@ TARGETS = {"fixed_point": 3.0, "newton": 3.0, "newton_implicit": 3.0}
 def inner_solve(layer: str) -> str:
   """How a layer's Newton systems are solved: "GMRES", "LU" or "-"."""
   solver = mnist_models.LAYERS[layer].solver
-  kind = getattr(solver, "linear_solver", None)
-  return {"gmres": "GMRES", "dense": "LU"}.get(kind, "-")
+  if not isinstance(solver, jaxdeq.Newton):
+    return "-"
+  return ("GMRES" if isinstance(solver.linear_solver, jaxdeq.GMRES)
+          else "LU")
 
 
 def _train_pair(layer: str, dataset, args, weights, orders,

@@ -9,6 +9,8 @@ from jaxdeq._src.adjoint import PhantomAdjoint
 from jaxdeq._src.adjoint import SHINEAdjoint
 from jaxdeq._src.adjoint import UnrolledAdjoint
 from jaxdeq._src.fixed_point import fixed_point
+from jaxdeq._src.linear_solve import AbstractLinearSolver
+from jaxdeq._src.linear_solve import DenseLU
 from jaxdeq._src.linear_solve import GMRES
 from jaxdeq._src.regularizers import jacobian_penalty
 from jaxdeq._src.regularizers import spectral_radius
@@ -43,6 +45,8 @@ __all__ = (
     "FixedPointIterationState",
     "FixedPointSolver",
     "fixed_point",
+    "AbstractLinearSolver",
+    "DenseLU",
     "GMRES",
     "ImplicitAdjoint",
     "jacobian_penalty",

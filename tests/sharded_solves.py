@@ -26,7 +26,7 @@ CASES = {
         jaxdeq.ImplicitAdjoint()),
     "anderson/implicit_gmres": (
         jaxdeq.Anderson(tol=1e-10, max_steps=100),
-        jaxdeq.ImplicitAdjoint(solver=jaxdeq.GMRES(tol=1e-10))),
+        jaxdeq.ImplicitAdjoint(linear_solver=jaxdeq.GMRES(tol=1e-10))),
     "anderson/unrolled": (jaxdeq.Anderson(tol=1e-10, max_steps=100),
                           jaxdeq.UnrolledAdjoint()),
     # SHINE's estimate of a sample depends on the steps the batch took after
@@ -36,7 +36,8 @@ CASES = {
                       jaxdeq.SHINEAdjoint(fallback_tol=1e-30)),
     "newton/phantom": (jaxdeq.Newton(tol=1e-10), jaxdeq.PhantomAdjoint()),
     "newton_gmres/neumann": (
-        jaxdeq.Newton(tol=1e-10, linear_solver="gmres", gmres_tol=1e-8),
+        jaxdeq.Newton(tol=1e-10, linear_solver=jaxdeq.GMRES(
+            tol=1e-8, max_restarts=0)),
         jaxdeq.NeumannAdjoint()),
 }
 

@@ -46,8 +46,8 @@ SOLVERS = {
     "broyden": jaxdeq.Broyden(1e-10, 200),
     "newton": jaxdeq.Newton(1e-10, 50),
     "newton_closed_form": jaxdeq.Newton(1e-10, 50, jacobian=tanh_jacobian),
-    "newton_gmres": jaxdeq.Newton(1e-10, 50, linear_solver="gmres",
-                                  gmres_tol=1e-12),
+    "newton_gmres": jaxdeq.Newton(1e-10, 50, linear_solver=jaxdeq.GMRES(
+        tol=1e-12, max_restarts=0)),
 }
 
 
@@ -371,10 +371,11 @@ def test_backward_probe_reports_backward_stats():
 
 def test_backward_failure_is_reported_not_zeroed():
   w, x = tanh_problem(dtype=jnp.float32)
-  backward = jaxdeq.ImplicitAdjoint(solver=jaxdeq.FixedPointIteration(1e-9, 2))
+  backward = jaxdeq.ImplicitAdjoint(
+      linear_solver=jaxdeq.FixedPointIteration(1e-9, 2))
   seen = []
   callback_adjoint = jaxdeq.ImplicitAdjoint(
-      solver=jaxdeq.FixedPointIteration(1e-9, 2),
+      linear_solver=jaxdeq.FixedPointIteration(1e-9, 2),
       callback=lambda stats: seen.append(int(stats.status)))
 
   def loss(w, probe, adjoint):
@@ -391,7 +392,7 @@ def test_backward_failure_is_reported_not_zeroed():
   jax.effects_barrier()
   assert seen == [jaxdeq.Status.MAX_STEPS_REACHED]
   throwing = jaxdeq.ImplicitAdjoint(
-      solver=jaxdeq.FixedPointIteration(1e-9, 2), throw=True)
+      linear_solver=jaxdeq.FixedPointIteration(1e-9, 2), throw=True)
   with pytest.raises(jaxdeq.FixedPointError,
                      match="^jaxdeq: the backward solve failed"):
     jaxdeq.catch_failures(jax.jit(jax.grad(
@@ -432,7 +433,7 @@ def test_gmres_backward_where_iteration_barely_contracts(x64):
 
   def loss(c, probe, backward):
     sol = jaxdeq.fixed_point(f, jnp.zeros((2, 1)), c, solver=solver,
-                             adjoint=jaxdeq.ImplicitAdjoint(solver=backward),
+                             adjoint=jaxdeq.ImplicitAdjoint(linear_solver=backward),
                              backward_probe=probe)
     return jnp.sum(sol.value)
 
@@ -454,7 +455,7 @@ def test_gmres_backward_where_iteration_barely_contracts(x64):
 def test_gmres_adjoint_on_a_tanh_layer_matches_finite_differences(x64):
   w, x = tanh_problem()
   solve = solve_fn(jaxdeq.Anderson(1e-12, 200),
-                   jaxdeq.ImplicitAdjoint(solver=jaxdeq.GMRES(tol=1e-12)))
+                   jaxdeq.ImplicitAdjoint(linear_solver=jaxdeq.GMRES(tol=1e-12)))
   check_grads(solve, (w, x), order=1, modes=["rev", "fwd"], eps=1e-6,
               atol=1e-6, rtol=1e-6)
 
@@ -462,8 +463,8 @@ def test_gmres_adjoint_on_a_tanh_layer_matches_finite_differences(x64):
 def test_gmres_config_is_checked():
   with pytest.raises(ValueError, match="krylov_dim"):
     jaxdeq.GMRES(krylov_dim=0)
-  with pytest.raises(TypeError, match="solver must be"):
-    jaxdeq.ImplicitAdjoint(solver="gmres")
+  with pytest.raises(TypeError, match="linear solver must be"):
+    jaxdeq.ImplicitAdjoint(linear_solver="gmres")
 
 
 @pytest.mark.parametrize("name", ["anderson", "newton_closed_form"])

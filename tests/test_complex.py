@@ -19,8 +19,8 @@ SOLVERS = {
                                          lam_relative=True),
     "broyden": jaxdeq.Broyden(tol=TOL, max_steps=200),
     "newton": jaxdeq.Newton(tol=TOL),
-    "newton_gmres": jaxdeq.Newton(tol=TOL, linear_solver="gmres",
-                                  gmres_tol=1e-12),
+    "newton_gmres": jaxdeq.Newton(tol=TOL, linear_solver=jaxdeq.GMRES(
+        tol=1e-12, max_restarts=0)),
 }
 C = 0.5 + 0.3j
 
@@ -84,7 +84,7 @@ def test_implicit_tangent_of_affine_is_v_over_one_minus_c(name, x64):
 ADJOINTS = {
     "implicit": (jaxdeq.ImplicitAdjoint(), ("fwd", "rev")),
     "implicit_gmres": (
-        jaxdeq.ImplicitAdjoint(solver=jaxdeq.GMRES(tol=1e-12)),
+        jaxdeq.ImplicitAdjoint(linear_solver=jaxdeq.GMRES(tol=1e-12)),
         ("fwd", "rev")),
     "unrolled": (jaxdeq.UnrolledAdjoint(), ("rev",)),
     "phantom": (jaxdeq.PhantomAdjoint(steps=200, damping=1.0), ("rev",)),

@@ -214,7 +214,7 @@ def test_bad_pytree_states():
     lambda tol: jaxdeq.Anderson(tol=tol),
     lambda tol: jaxdeq.Broyden(tol=tol),
     lambda tol: jaxdeq.Newton(tol=tol),
-    lambda tol: jaxdeq.Newton(gmres_tol=tol, linear_solver="gmres"),
+    lambda tol: jaxdeq.GMRES(tol=tol, max_restarts=0),
     lambda tol: jaxdeq.GMRES(tol=tol),
 ])
 @pytest.mark.parametrize("tol", [float("inf"), float("nan")])

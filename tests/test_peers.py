@@ -218,7 +218,7 @@ def test_jaxopt_simple_grads(backward, x64):
   f = lambda x, theta: jnp.cos(x) + theta
   x0 = jnp.array([0.0, jnp.pi / 4])
   solver = jaxdeq.Anderson(tol=1e-10, max_steps=4000, relative=False)
-  adjoint = jaxdeq.ImplicitAdjoint(solver=backward)
+  adjoint = jaxdeq.ImplicitAdjoint(linear_solver=backward)
   solve = lambda theta: peer_fixed_point(f, x0, theta, solver=solver,
                                          adjoint=adjoint).value
   check_grads(solve, (jnp.array([0.0, jnp.pi / 2]),), order=1,

@@ -16,8 +16,8 @@ SOLVERS = {
     "anderson": jaxdeq.Anderson(1e-11, 200),
     "broyden": jaxdeq.Broyden(1e-11, 200),
     "newton": jaxdeq.Newton(1e-11, 50),
-    "newton_gmres": jaxdeq.Newton(1e-11, 50, linear_solver="gmres",
-                                  gmres_tol=1e-12),
+    "newton_gmres": jaxdeq.Newton(1e-11, 50, linear_solver=jaxdeq.GMRES(
+        tol=1e-12, max_restarts=0)),
 }
 
 

@@ -21,8 +21,8 @@ SOLVERS = {
                                                         lam_relative=True),
     "broyden": lambda tol, n: jaxdeq.Broyden(tol, n),
     "newton": lambda tol, n: jaxdeq.Newton(tol, n),
-    "newton_gmres": lambda tol, n: jaxdeq.Newton(tol, n,
-                                                 linear_solver="gmres"),
+    "newton_gmres": lambda tol, n: jaxdeq.Newton(
+        tol, n, linear_solver=jaxdeq.GMRES(tol=1e-3, max_restarts=0)),
 }
 
 
@@ -296,10 +296,15 @@ def test_work_stops_with_steps_taken_not_max_steps():
     (lambda: jaxdeq.Broyden(memory=0), ValueError, "memory"),
     (lambda: jaxdeq.FixedPointIteration(damping=1.5), ValueError, "damping"),
     (lambda: jaxdeq.FixedPointIteration(tol="1e-3"), TypeError, "tol"),
-    (lambda: jaxdeq.Newton(linear_solver="qr"), ValueError, "linear_solver"),
+    (lambda: jaxdeq.Newton(linear_solver="gmres"), TypeError, "linear_solver"),
+    (lambda: jaxdeq.Newton(linear_solver=jaxdeq.Anderson()), TypeError,
+     "linear_solver"),
     (lambda: jaxdeq.Newton(jacobian=3), TypeError, "jacobian"),
     (lambda: jaxdeq.PhantomAdjoint(steps=0), ValueError, "steps"),
-    (lambda: jaxdeq.ImplicitAdjoint(solver="anderson"), TypeError, "solver"),
+    (lambda: jaxdeq.ImplicitAdjoint(linear_solver="anderson"), TypeError,
+     "linear solver must be"),
+    (lambda: jaxdeq.SHINEAdjoint(linear_solver=3), TypeError,
+     "linear solver must be"),
 ])
 def test_bad_options(make, error, match):
   with pytest.raises(error, match=match):
@@ -385,15 +390,15 @@ def test_batched_gmres_stops_at_tolerance_per_sample(x64, reorthogonalize):
 
 
 def test_newton_gmres_with_loose_inner_tolerance_converges():
-  # gmres_tol 1e-3: one Gram-Schmidt pass per inner iteration (float32).
+  # GMRES tol 1e-3: one Gram-Schmidt pass per inner iteration (float32).
   w = jax.random.uniform(jax.random.key(0), (100, 100), jnp.float32, -0.1,
                          0.1)
   x = jax.random.normal(jax.random.key(1), (16, 100), jnp.float32)
   f = lambda z, x: jnp.tanh(z @ w + x)
   loose = jaxdeq.fixed_point(
       f, jnp.zeros_like(x), x,
-      solver=jaxdeq.Newton(1e-5, 20, linear_solver="gmres", gmres_tol=1e-3,
-                           gmres_krylov_dim=10))
+      solver=jaxdeq.Newton(1e-5, 20, linear_solver=jaxdeq.GMRES(
+          tol=1e-3, krylov_dim=10, max_restarts=0)))
   assert bool(jnp.all(loose.stats.converged)), loose.stats.residual
   assert int(loose.stats.num_steps) <= 6
   chex.assert_trees_all_close(f(loose.value, x), loose.value, atol=1e-4)
@@ -426,8 +431,9 @@ def test_newton_gmres_matches_dense_newton_per_sample(x64):
                              solver=jaxdeq.Newton(1e-10, 30))
   gmres = jaxdeq.fixed_point(f, jnp.zeros_like(x), x,
                              solver=jaxdeq.Newton(1e-10, 30,
-                                                  linear_solver="gmres",
-                                                  gmres_tol=1e-6))
+                                                  linear_solver=jaxdeq.GMRES(
+                                                      tol=1e-6,
+                                                      max_restarts=0)))
   assert bool(jnp.all(gmres.stats.converged))
   chex.assert_trees_all_close(gmres.value, dense.value, atol=1e-9)
   # Inexact inner solves cost at most a couple of extra Newton steps.

@@ -29,7 +29,7 @@ def residual_traces(experiment, model, inputs):
     return forward_trace, None, 0
   captured = []
   cell_map, cell_state = layer.cell_map()
-  adjoint = jaxdeq.ImplicitAdjoint(solver=layer.adjoint.solver,
+  adjoint = jaxdeq.ImplicitAdjoint(linear_solver=layer.adjoint.linear_solver,
                                    callback=captured.append)
   z0 = layer.initial_state(x)
 

@@ -37,8 +37,8 @@ class Layer(NamedTuple):
 # the tutorial's exact algorithm (batched LU with the closed-form Jacobian).
 # The fixed_point layer solves in compacted phases (`DEQ(compact=True)`: the
 # same iterates and gradients, without the converged samples' cost).
-_NEWTON_GMRES = jaxdeq.Newton(tol=1e-4, max_steps=40, linear_solver="gmres",
-                              gmres_tol=1e-3, gmres_krylov_dim=10)
+_NEWTON_GMRES = jaxdeq.Newton(tol=1e-4, max_steps=40, linear_solver=jaxdeq.GMRES(
+    tol=1e-3, krylov_dim=10, max_restarts=0))
 _NEWTON_DENSE = jaxdeq.Newton(tol=1e-4, max_steps=40)
 LAYERS = {
     "fixed_point": Layer(
@@ -51,7 +51,7 @@ LAYERS = {
     # The backward system by one GMRES solve to the forward's tolerance.
     "newton_implicit": Layer(
         _NEWTON_GMRES,
-        jaxdeq.ImplicitAdjoint(solver=jaxdeq.GMRES(tol=1e-4, max_restarts=1)),
+        jaxdeq.ImplicitAdjoint(linear_solver=jaxdeq.GMRES(tol=1e-4, max_restarts=1)),
         dict(z_init=jnp.tanh), epochs=10, skip_grad_norm=100.0),
     "newton_dense": Layer(
         _NEWTON_DENSE, jaxdeq.UnrolledAdjoint(),

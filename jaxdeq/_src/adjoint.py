@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +122,6 @@ def _tangent(sol: solution_lib.Solution, value_dot: jax.Array):
 # ---------------------------------------------------------------- implicit ---
 
 
-LinearSolver = Union[base.FixedPointSolver, linear_solve.GMRES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +137,12 @@ class ImplicitAdjoint(AbstractAdjoint):
   `z0` is zero: z* does not depend on where the solve started.
 
   Attributes:
-    solver: solver of the linear systems: a fixed-point solver (default: the
-      forward solver's kind and settings; Newton uses the map's closed-form
-      Jacobian, transposed for the backward) or `jaxdeq.GMRES()` for maps
-      whose linear iteration barely contracts.
+    linear_solver: solver of the linear systems (the linear-solve layer's
+      protocol): default, the forward solver's kind and settings iterating
+      u <- u df/dz + g (Newton with the map's closed-form Jacobian,
+      transposed for the backward); another fixed-point solver;
+      `jaxdeq.GMRES()` for maps whose linear iteration barely contracts;
+      `jaxdeq.DenseLU()` for small states; or a lineax solver.
     callback: optional host function called with the `SolverStats` of each
       reverse-mode backward solve (through `jax.debug.callback`).
     throw: raise `FixedPointError` when a backward solve fails (under
@@ -160,16 +161,12 @@ class ImplicitAdjoint(AbstractAdjoint):
     2.0
   """
 
-  solver: Optional[LinearSolver] = None
+  linear_solver: Any = None
   callback: Optional[Callable[[solution_lib.SolverStats], Any]] = None
   throw: bool = False
 
   def __post_init__(self):
-    if self.solver is not None and not isinstance(
-        self.solver, (base.FixedPointSolver, linear_solve.GMRES)):
-      raise TypeError(
-          f"ImplicitAdjoint: solver must be a jaxdeq solver or jaxdeq.GMRES(),"
-          f" got {self.solver!r}")
+    _check_linear_solver(self)
     if not isinstance(self.throw, bool):
       raise TypeError(f"ImplicitAdjoint: throw must be a bool, got"
                       f" {self.throw!r}")
@@ -231,17 +228,17 @@ def _implicit_solve_jvp(fn, solver, adjoint, record_steps, primals, tangents):
       lambda a: fn(z_star, moving.merge(a, fixed_args)), moving_args)
   rhs = args_jvp(moving_dots)
   _, f_jvp = jax.linearize(lambda z: fn(z, args), z_star)
-  linear_solver = adjoint.solver or solver
+  linear_solver = linear_solve.as_linear_solver(adjoint.linear_solver, solver)
   jacobian = None
   if fn.residual_jacobian is not None:
     jacobian = fn.residual_jacobian(z_star, args)
 
   def forward_solve(operator, rhs):
-    return _linear_solve(linear_solver, operator, rhs, jacobian)[0]
+    return linear_solver.solve(operator, rhs, matrix=jacobian)[0]
 
   def backward_solve(operator, cotangent):
     transposed = None if jacobian is None else jnp.swapaxes(jacobian, 1, 2)
-    u, stats = _linear_solve(linear_solver, operator, cotangent, transposed)
+    u, stats = linear_solver.solve(operator, cotangent, matrix=transposed)
     _report_backward(adjoint, linear_solver, stats)
     return u, stats
 
@@ -306,29 +303,12 @@ def _is_symbolic_zero(x) -> bool:
   return isinstance(x, jax.custom_derivatives.SymbolicZero)
 
 
-def _linear_solve(linear_solver, operator, rhs, jacobian, x0=None):
-  """x with operator(x) = rhs, where operator = I - A; and its stats.
-
-  A fixed-point solver iterates x <- A x + rhs from `x0` (default 0; Newton
-  with the closed form `jacobian` of I - A when given); GMRES works on the
-  operator directly.
-  """
-  if isinstance(linear_solver, linear_solve.GMRES):
-    return linear_solver.solve(operator, rhs)
-  if linear_solver.stop_active:
-    # A compacted forward phase's early stop is no rule for its backward:
-    # every sample's linear system is solved.
-    linear_solver = dataclasses.replace(linear_solver, stop_active=0)
-  linear_map = base.Map(
-      lambda x, b: x - operator(x) + b,
-      None if jacobian is None else lambda x, b: jacobian)
-  fx0 = None
-  if x0 is None:
-    # The map at zero is the right-hand side: not evaluating it saves one
-    # application of the operator (a VJP of the cell in the backward).
-    x0, fx0 = jnp.zeros_like(rhs), rhs
-  sol = loop.solve(linear_map, x0, rhs, linear_solver, fz0=fx0)[0]
-  return sol.value, sol.stats
+def _check_linear_solver(adjoint) -> None:
+  if adjoint.linear_solver is not None:
+    try:
+      linear_solve.as_linear_solver(adjoint.linear_solver)
+    except TypeError as error:
+      raise TypeError(f"{type(adjoint).__name__}: {error}") from None
 
 
 def _report_backward(adjoint, linear_solver, stats):
@@ -923,7 +903,8 @@ class SHINEAdjoint(_CheapAdjoint):
   Attributes:
     fallback_tol: relative residual above which a sample's estimate is
       refined by the backward solve (inf: never refine).
-    solver: solver of the fallback backward (default: the forward solver).
+    linear_solver: solver of the fallback backward, as `ImplicitAdjoint`'s
+      (default: the forward solver).
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
@@ -938,15 +919,12 @@ class SHINEAdjoint(_CheapAdjoint):
   """
 
   fallback_tol: float = 0.1
-  solver: Optional[base.FixedPointSolver] = None
+  linear_solver: Any = None
   needs_solver_state = True
 
   def __post_init__(self):
     base.check_number(self, "fallback_tol", positive=True)
-    if self.solver is not None and not isinstance(self.solver,
-                                                  base.FixedPointSolver):
-      raise TypeError(f"SHINEAdjoint: solver must be a jaxdeq solver, got"
-                      f" {self.solver!r}")
+    _check_linear_solver(self)
 
   def solve(self, fn, z0, args, solver, *, budget=None, record_steps=()):
     if not isinstance(solver, broyden.Broyden):
@@ -957,7 +935,8 @@ class SHINEAdjoint(_CheapAdjoint):
 
   def at_state(self, fn, z, args, solver):
     # An intermediate iterate has no matching inverse estimate.
-    return ImplicitAdjoint(solver=self.solver).at_state(fn, z, args, solver)
+    return ImplicitAdjoint(linear_solver=self.linear_solver).at_state(
+        fn, z, args, solver)
 
   def args_cotangent(self, fn, solver, z_star, solver_state, diff_args,
                      rebuild, cotangent):
@@ -970,11 +949,10 @@ class SHINEAdjoint(_CheapAdjoint):
       return error / jnp.where(scale > 0, scale, 1)
 
     poor = ~(relative_residual(estimate) <= self.fallback_tol)
-    linear_solver = self.solver or solver
+    linear_solver = linear_solve.as_linear_solver(self.linear_solver, solver)
 
     def refine(u0):
-      u, _ = _linear_solve(linear_solver, lambda v: v - vjp(v), cotangent,
-                           None, x0=u0)
+      u, _ = linear_solver.solve(lambda v: v - vjp(v), cotangent, x0=u0)
       return jnp.where(base.per_sample(poor, u), u, u0)
 
     u = control.cond(jnp.any(poor), refine, lambda u0: u0, estimate)

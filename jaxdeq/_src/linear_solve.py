@@ -1,26 +1,97 @@
-"""Per-sample matrix-free linear solves: batched GMRES with restarts."""
+"""The linear-solve layer: per-sample solves of A x = b, one protocol.
+
+A linear solver is an object with `tol` and `solve(operator, rhs, *,
+matrix=None, x0=None) -> (x, SolverStats)`: `operator` applies every
+sample's own A at once, (batch, n) -> (batch, n) (row i of the output
+depends only on row i of the input); `matrix`, when the caller has one, is
+A as (batch, n, n) (a closed-form Jacobian a cell provides); `x0` is a
+starting guess. `differentiable_solve` is the solve autodiff differentiates
+implicitly (`jax.lax.custom_linear_solve`), never through its iterations.
+
+`Newton(linear_solver=...)`, `ImplicitAdjoint(linear_solver=...)` and
+`SHINEAdjoint(linear_solver=...)` take the same objects: `GMRES()`,
+`DenseLU()`, a fixed-point solver (the linear system iterated as
+x <- x - A x + b with it), or any lineax solver when lineax is installed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jaxdeq._src import control
+from jaxdeq._src import loop
 from jaxdeq._src import solution as solution_lib
 from jaxdeq._src.solvers import base
 
+Operator = Callable[[jax.Array], jax.Array]
+
+
+class AbstractLinearSolver:
+  """Base of jaxdeq's linear solvers (see the module's protocol).
+
+  `uses_matrix`: the solver works on A as a dense matrix, which callers
+  that can form it cheaply (a closed-form Jacobian) pass as `matrix`.
+  """
+
+  tol: float
+  uses_matrix: ClassVar[bool] = False
+
+  def solve(self, operator: Optional[Operator], rhs: jax.Array, *,
+            matrix: Optional[jax.Array] = None,
+            x0: Optional[jax.Array] = None
+            ) -> tuple[jax.Array, solution_lib.SolverStats]:
+    raise NotImplementedError
+
+  def differentiable_solve(self, operator: Operator, rhs: jax.Array, *,
+                           matrix: Optional[jax.Array] = None) -> jax.Array:
+    """x with A x = rhs, differentiated as the solution of the system."""
+    del matrix  # the transposed solve works on the transposed operator
+    solve = lambda op, b: self.solve(op, b)[0]
+    return jax.lax.custom_linear_solve(operator, rhs, solve=solve,
+                                       transpose_solve=solve)
+
+
+def _relative_residual(operator, matrix, rhs, x) -> jax.Array:
+  """||rhs - A x|| / ||rhs|| per sample (the norm itself where rhs = 0)."""
+  applied = (jnp.einsum("bij,bj->bi", matrix, x) if matrix is not None
+             else operator(x))
+  norm = jnp.linalg.norm(rhs - applied, axis=1)
+  scale = jnp.linalg.norm(rhs, axis=1)
+  return jnp.where(scale > 0, norm / jnp.where(scale > 0, scale, 1), norm)
+
+
+def _stats(residual, tol, steps, like) -> solution_lib.SolverStats:
+  """`SolverStats` of a linear solve that took `steps` (a scalar)."""
+  converged = residual <= tol
+  per_sample = lambda value: control.full(
+      (like.shape[0],), 0, jnp.int32, control.batch_spec(like)) + value
+  return solution_lib.SolverStats(
+      num_steps=jnp.asarray(steps, jnp.int32),
+      residual=residual,
+      converged=converged,
+      trace=residual[None],
+      status=solution_lib.batch_status(converged, ~jnp.isfinite(residual)),
+      sample_steps=per_sample(jnp.asarray(steps, jnp.int32)),
+      best_step=per_sample(jnp.asarray(steps, jnp.int32)),
+  )
+
 
 @dataclasses.dataclass(frozen=True)
-class GMRES:
-  """Restarted GMRES, per sample and matrix-free, as a linear solver config.
+class GMRES(AbstractLinearSolver):
+  """Restarted GMRES, per sample and matrix-free.
 
-  For `ImplicitAdjoint(solver=jaxdeq.GMRES())`: the backward system
+  For `ImplicitAdjoint(linear_solver=jaxdeq.GMRES())`: the backward system
   (I - df/dz)^T u = g (and the forward-mode one) is solved by GMRES on the
   VJP (JVP) operator instead of by iterating u <- u df/dz + g, which barely
-  moves when df/dz has an eigenvalue near 1 (or -1).
+  moves when df/dz has an eigenvalue near 1 (or -1). For
+  `Newton(linear_solver=jaxdeq.GMRES(tol=1e-3, max_restarts=0))`: each
+  Newton system solved inexactly with Jacobian-vector products, no
+  Jacobian formed. Tolerances below 1e-4 orthogonalise the Krylov basis
+  with two classical Gram-Schmidt passes, looser ones with one.
 
   Attributes:
     tol: relative residual ||b - A x|| / ||b|| at which a sample is solved.
@@ -30,7 +101,7 @@ class GMRES:
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdeq
-    >>> adjoint = jaxdeq.ImplicitAdjoint(solver=jaxdeq.GMRES(tol=1e-6))
+    >>> adjoint = jaxdeq.ImplicitAdjoint(linear_solver=jaxdeq.GMRES(tol=1e-6))
     >>> f = lambda z, c: -0.9996 * z + c  # df/dz ~ -1: iteration crawls
     >>> grad = jax.grad(lambda c: jaxdeq.fixed_point(
     ...     f, jnp.zeros((1, 1)), c, solver=jaxdeq.Anderson(tol=1e-6),
@@ -48,51 +119,206 @@ class GMRES:
     base.check_int(self, "krylov_dim", minimum=1)
     base.check_int(self, "max_restarts", minimum=0)
 
-  def solve(self, matvec: Callable[[jax.Array], jax.Array], b: jax.Array
-            ) -> tuple[jax.Array, solution_lib.SolverStats]:
+  def solve(self, operator, rhs, *, matrix=None, x0=None):
     """x with A x = b per row of b (batch, n), and `SolverStats`.
 
     `num_steps` counts matrix-vector products of the Krylov cycles, the
     residual is relative to ||b|| per sample (0 for b = 0).
     """
-    batch = b.shape[0]
-    b_norm = jnp.linalg.norm(b, axis=1)
-    safe_b_norm = jnp.where(b_norm > 0, b_norm, 1)
+    del matrix
+    if x0 is not None:
+      shift = operator(x0)
+      x, stats = self.solve(operator, rhs - shift)
+      return x0 + x, stats._replace(
+          residual=_relative_residual(operator, None, rhs, x0 + x))
+    reorthogonalize = self.tol < 1e-4
+    if self.max_restarts == 0:
+      # One cycle: its own residual estimate, no extra product of A.
+      x, steps, estimate = _gmres_cycle(
+          operator, rhs, tol=self.tol, max_iters=self.krylov_dim,
+          reorthogonalize=reorthogonalize)
+      return x, _stats(estimate, self.tol, steps, rhs)
+    b_norm = jnp.linalg.norm(rhs, axis=1)
 
     def relative(r):
       norm = jnp.linalg.norm(r, axis=1)
-      return jnp.where(b_norm > 0, norm / safe_b_norm, norm)
+      return jnp.where(b_norm > 0, norm / jnp.where(b_norm > 0, b_norm, 1),
+                       norm)
 
     def cond(carry):
-      cycle, _, r = carry
+      cycle, _, r, _ = carry
       return (cycle <= self.max_restarts) & jnp.any(~(relative(r) <= self.tol))
 
     def body(carry):
-      cycle, x, r = carry
+      cycle, x, r, steps = carry
       # Each cycle's tolerance is relative to its own right-hand side r: ask
       # for the overall tolerance against ||b||.
       scale = jnp.where(b_norm > 0, relative(r), 1)
       tol = self.tol / jnp.maximum(scale, self.tol)
-      x = x + batched_gmres(matvec, r, tol=tol, max_iters=self.krylov_dim)
-      return cycle + 1, x, b - matvec(x)
+      dx, taken, _ = _gmres_cycle(operator, r, tol=tol,
+                                  max_iters=self.krylov_dim,
+                                  reorthogonalize=reorthogonalize)
+      x = x + dx
+      return cycle + 1, x, rhs - operator(x), steps + taken
 
-    cycles, x, r = control.while_loop(
-        cond, body, (jnp.zeros((), jnp.int32), jnp.zeros_like(b), b))
-    res = relative(r)
-    converged = res <= self.tol
-    trace = res[None]
-    per_sample = lambda value: control.full((batch,), value, jnp.int32,
-                                            control.batch_spec(b))
-    stats = solution_lib.SolverStats(
-        num_steps=cycles * self.krylov_dim,
-        residual=res,
-        converged=converged,
-        trace=trace,
-        status=solution_lib.batch_status(converged, ~jnp.isfinite(res)),
-        sample_steps=per_sample(cycles * self.krylov_dim),
-        best_step=per_sample(cycles),
-    )
-    return x, stats
+    zero = jnp.zeros((), jnp.int32)
+    _, x, r, steps = control.while_loop(
+        cond, body, (zero, jnp.zeros_like(rhs), rhs, zero))
+    return x, _stats(relative(r), self.tol, steps, rhs)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseLU(AbstractLinearSolver):
+  """A batched LU solve of each sample's dense (n, n) system.
+
+  Uses the caller's matrix when there is one (`Newton` passes a closed-form
+  Jacobian) and otherwise forms A from n products of the operator (all
+  samples at once): for small states. Its derivative reuses the LU factors.
+
+  Attributes:
+    tol: relative residual above which a solve is reported as failed (an LU
+      solve is exact up to rounding and the matrix's conditioning).
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxdeq
+    >>> a = jnp.array([[[2., 1.], [0., 3.]]])
+    >>> x, stats = jaxdeq.DenseLU().solve(None, jnp.ones((1, 2)), matrix=a)
+    >>> bool(jnp.allclose(x, 1 / 3)), bool(stats.converged[0])
+    (True, True)
+  """
+
+  tol: float = 1e-4
+  uses_matrix: ClassVar[bool] = True
+
+  def __post_init__(self):
+    base.check_number(self, "tol", positive=True, finite=True)
+
+  def solve(self, operator, rhs, *, matrix=None, x0=None):
+    del x0
+    matrix = self._matrix(operator, rhs, matrix)
+    x = dense_solve(matrix, rhs)
+    residual = _relative_residual(None, matrix, rhs, x)
+    return x, _stats(residual, self.tol, 1, rhs)
+
+  def differentiable_solve(self, operator, rhs, *, matrix=None):
+    return dense_solve(self._matrix(operator, rhs, matrix), rhs)
+
+  @staticmethod
+  def _matrix(operator, rhs, matrix):
+    if matrix is not None:
+      return matrix.astype(rhs.dtype)
+    size = rhs.shape[1]
+    basis = jnp.eye(size, dtype=rhs.dtype)
+    zeros = control.zeros_like(rhs)
+    # Samples are independent: one e_j for every sample at once yields
+    # column j of every sample's matrix.
+    columns = jax.vmap(lambda e: operator(zeros + e[None]))(basis)
+    return jnp.moveaxis(columns, 0, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Iterated(AbstractLinearSolver):
+  """x <- x - A x + b, iterated by a fixed-point solver (its settings)."""
+
+  solver: base.FixedPointSolver
+
+  @property
+  def tol(self) -> float:
+    return self.solver.tol
+
+  def solve(self, operator, rhs, *, matrix=None, x0=None):
+    solver = self.solver
+    if solver.stop_active:
+      # A compacted forward phase's early stop is no rule for a linear
+      # solve: every sample's system is solved.
+      solver = dataclasses.replace(solver, stop_active=0)
+    linear_map = base.Map(
+        lambda x, b: x - operator(x) + b,
+        None if matrix is None else lambda x, b: matrix)
+    fx0 = None
+    if x0 is None:
+      # The map at zero is the right-hand side: not evaluating it saves one
+      # application of the operator (a VJP of the cell in the backward).
+      x0, fx0 = jnp.zeros_like(rhs), rhs
+    sol = loop.solve(linear_map, x0, rhs, solver, fz0=fx0)[0]
+    return sol.value, sol.stats
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lineax(AbstractLinearSolver):
+  """A lineax solver on the batch's block-diagonal system."""
+
+  solver: Any
+
+  @property
+  def tol(self) -> float:
+    return float(getattr(self.solver, "rtol", 1e-5) or 1e-5)
+
+  def solve(self, operator, rhs, *, matrix=None, x0=None):
+    import lineax
+
+    shape, dtype = rhs.shape, rhs.dtype
+    if matrix is not None:
+      operator = lambda v: jnp.einsum("bij,bj->bi", matrix, v)
+    flat = lineax.FunctionLinearOperator(
+        lambda v: operator(v.reshape(shape)).reshape(-1),
+        jax.ShapeDtypeStruct((rhs.size,), dtype))
+    options = {} if x0 is None else {"y0": x0.reshape(-1)}
+    sol = lineax.linear_solve(flat, rhs.reshape(-1), self.solver,
+                              options=options, throw=False)
+    x = sol.value.reshape(shape)
+    steps = sol.stats.get("num_steps", 1) if isinstance(sol.stats, dict) else 1
+    residual = _relative_residual(operator, None, rhs, x)
+    return x, _stats(residual, self.tol, steps, rhs)
+
+
+def _is_lineax_solver(solver: Any) -> bool:
+  module = type(solver).__module__ or ""
+  return module.split(".")[0] == "lineax" and hasattr(solver, "compute")
+
+
+def as_linear_solver(solver: Any, default: Optional[base.FixedPointSolver]
+                     = None) -> AbstractLinearSolver:
+  """The `AbstractLinearSolver` for `solver` (None: iterate with `default`,
+  the forward solver); a TypeError for anything else."""
+  if solver is None:
+    solver = default
+  if isinstance(solver, AbstractLinearSolver):
+    return solver
+  if isinstance(solver, base.FixedPointSolver):
+    return _Iterated(solver)
+  if _is_lineax_solver(solver):
+    return _Lineax(solver)
+  raise TypeError(
+      f"a linear solver must be jaxdeq.GMRES(), jaxdeq.DenseLU(), a jaxdeq"
+      f" fixed-point solver or a lineax solver, got {solver!r}")
+
+
+@jax.custom_vjp
+def dense_solve(jac: jax.Array, rhs: jax.Array) -> jax.Array:
+  """Batched J^{-1} rhs, (batch, d, d) x (batch, d) -> (batch, d).
+
+  Its VJP reuses the forward LU factors: one transposed solve and an outer
+  product per sample.
+  """
+  return jnp.linalg.solve(jac, rhs[..., None])[..., 0]
+
+
+def _dense_solve_fwd(jac, rhs):
+  factors = jax.scipy.linalg.lu_factor(jac)
+  delta = jax.scipy.linalg.lu_solve(factors, rhs[..., None])[..., 0]
+  return delta, (factors, delta)
+
+
+def _dense_solve_bwd(residuals, cotangent):
+  factors, delta = residuals
+  # d(J^{-1} b) = J^{-1} (db - dJ J^{-1} b): with u = J^{-T} ct,
+  # ct_b = u and ct_J = -u delta^T.
+  u = jax.scipy.linalg.lu_solve(factors, cotangent[..., None], trans=1)[..., 0]
+  return -u[:, :, None] * delta[:, None, :], u
+
+
+dense_solve.defvjp(_dense_solve_fwd, _dense_solve_bwd)
 
 
 def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
@@ -130,6 +356,13 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
     ...                   atol=1e-5))
     True
   """
+  return _gmres_cycle(matvec, b, tol=tol, max_iters=max_iters,
+                      reorthogonalize=reorthogonalize)[0]
+
+
+def _gmres_cycle(matvec, b, *, tol, max_iters, reorthogonalize):
+  """`batched_gmres`, with the iterations taken and each sample's residual
+  estimate (relative to ||b_i||, from the Givens rotations)."""
   batch, n = b.shape
   k = max_iters
   dtype = b.dtype
@@ -210,4 +443,6 @@ def batched_gmres(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
   # The unused last basis vector gets a zero coefficient: slicing it off
   # would copy the whole basis.
   coefficients = jnp.pad(coefficients, ((0, 0), (0, 1)))
-  return jnp.einsum("bkn,bk->bn", basis, coefficients)
+  estimate = jnp.where(beta > 0, jnp.abs(jax.lax.dynamic_index_in_dim(
+      rotations[:, :, 0], steps, 1, False)), 0).astype(beta.dtype)
+  return jnp.einsum("bkn,bk->bn", basis, coefficients), steps, estimate

@@ -573,12 +573,6 @@ def _merge_unbatched(value: Any, like: Any,
   if not _batched_unlike(value, like):
     return value
 
-  @custom_batching.custom_vmap
-  def fit(value, like):
-    del like
-    return value
-
-  @fit.def_vmap
   def rule(axis_size, in_batched, value, like):
     value_batched, like_batched = in_batched
     stacked = jax.tree.map(
@@ -590,7 +584,19 @@ def _merge_unbatched(value: Any, like: Any,
     merged = merge(stacked)
     return merged, jax.tree.map(lambda _: False, merged)
 
-  return fit(value, like)
+  return _identity_batched_by(rule)(value, like)
+
+
+def _identity_batched_by(rule: Callable) -> Callable[[Any, Any], Any]:
+  """(value, like) -> value, whose batching rule under `vmap` is `rule`."""
+
+  @custom_batching.custom_vmap
+  def identity(value, like):
+    del like
+    return value
+
+  identity.def_vmap(rule)
+  return identity
 
 
 def _batched_unlike(value: Any, like: Any) -> bool:
@@ -603,12 +609,6 @@ def _batched_unlike(value: Any, like: Any) -> bool:
   """
   found = []
 
-  @custom_batching.custom_vmap
-  def probe(value, like):
-    del like
-    return value
-
-  @probe.def_vmap
   def rule(axis_size, in_batched, value, like):
     del axis_size
     value_batched, like_batched = in_batched
@@ -617,7 +617,8 @@ def _batched_unlike(value: Any, like: Any) -> bool:
       found.append(True)
     return value, value_batched
 
-  probe(jax.lax.stop_gradient(value), jax.lax.stop_gradient(like))
+  _identity_batched_by(rule)(jax.lax.stop_gradient(value),
+                            jax.lax.stop_gradient(like))
   return bool(found)
 
 
