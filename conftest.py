@@ -20,6 +20,7 @@ XLA compilation in ~620 s of CPU for the end-to-end tests and docs), so:
 `JAXDEQ_TEST_PLAIN=1` runs the suite with neither, as a user's code runs.
 """
 
+import gc
 import os
 import shutil
 import tempfile
@@ -60,6 +61,31 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if os.environ.get(_OWNER_VARIABLE) == str(os.getpid()):
     shutil.rmtree(os.environ[_CACHE_VARIABLE], ignore_errors=True)
+
+
+# Every compiled program keeps memory mappings of its own (XLA:CPU's code
+# and data), and a long-lived worker compiles thousands of programs: past
+# the kernel's vm.max_map_count (65530 by default) the next mapping fails
+# and XLA crashes (seen: segfaults and aborts in compilation late in the
+# suite). Between test modules, a worker over this many mappings drops its
+# compiled programs; later modules reload theirs from the persistent cache.
+_MAX_MAPPINGS = 25_000
+
+
+def _mappings() -> int:
+  try:
+    with open("/proc/self/maps") as maps:
+      return sum(1 for _ in maps)
+  except OSError:  # no /proc: nothing to count
+    return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def bounded_memory_mappings():
+  yield
+  if _mappings() > _MAX_MAPPINGS:
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)
