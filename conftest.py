@@ -67,9 +67,10 @@ def pytest_unconfigure(config):
 # and data), and a long-lived worker compiles thousands of programs: past
 # the kernel's vm.max_map_count (65530 by default) the next mapping fails
 # and XLA crashes (seen: segfaults and aborts in compilation late in the
-# suite). Between test modules, a worker over this many mappings drops its
-# compiled programs; later modules reload theirs from the persistent cache.
-_MAX_MAPPINGS = 25_000
+# suite). After a test, a worker over this many mappings (a test adds a few
+# thousand at most) drops its compiled programs; later tests reload theirs
+# from the persistent cache. Counting them takes milliseconds.
+_MAX_MAPPINGS = 50_000
 
 
 def _mappings() -> int:
@@ -80,7 +81,7 @@ def _mappings() -> int:
     return 0
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def bounded_memory_mappings():
   yield
   if _mappings() > _MAX_MAPPINGS:

@@ -54,3 +54,18 @@ def write_cifar_like(directory, per_batch=40, seed=0):
       pickle.dump({b"data": images.reshape(per_batch, 3072),
                    b"labels": labels.tolist()}, handle)
   return directory
+
+
+def tanh_map(z, args):
+  """z -> tanh(z W + x), the tutorial's cell as a plain function."""
+  import jax.numpy as jnp
+  w, x = args
+  return jnp.tanh(z @ w + x)
+
+
+def small_tanh_problem():
+  """(W, x) of a contractive 6-wide tanh map and a batch of 4 inputs."""
+  import jax
+  w = 0.5 * jax.random.normal(jax.random.key(0), (6, 6)) / np.sqrt(6)
+  x = jax.random.normal(jax.random.key(1), (4, 6))
+  return w, x

@@ -13,6 +13,7 @@ from flax import nnx
 
 import jaxdeq
 from jaxdeq.nnx import DEQ, TanhCell
+from tests.helpers import small_tanh_problem, tanh_map
 
 
 class MomentumState(NamedTuple):
@@ -32,23 +33,12 @@ class Momentum(jaxdeq.FixedPointSolver):
     return fz + self.beta * (z - state.previous), MomentumState(previous=z)
 
 
-def tanh_map(z, args):
-  w, x = args
-  return jnp.tanh(z @ w + x)
-
-
-def _problem():
-  w = 0.5 * jax.random.normal(jax.random.key(0), (6, 6)) / np.sqrt(6)
-  x = jax.random.normal(jax.random.key(1), (4, 6))
-  return w, x
-
-
 @pytest.mark.parametrize("adjoint", [
     jaxdeq.ImplicitAdjoint(), jaxdeq.UnrolledAdjoint(),
     jaxdeq.PhantomAdjoint(steps=40, damping=1.0),
     jaxdeq.NeumannAdjoint(terms=40)], ids=lambda a: type(a).__name__)
 def test_a_solver_defined_here_runs_with_every_adjoint(adjoint, x64):
-  w, x = _problem()
+  w, x = small_tanh_problem()
   solver = Momentum(tol=1e-12, max_steps=300)
 
   def loss(w, x):

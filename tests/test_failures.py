@@ -1,6 +1,7 @@
 """Honest failure: diverging, non-finite, empty and badly configured solves."""
 
 import re
+import warnings
 
 import chex
 import jax
@@ -229,3 +230,26 @@ def test_a_map_that_cannot_take_z0_names_z0s_shape():
                      r" z0 float32\[2,3\].*TypeError: dot_general"):
     jaxdeq.fixed_point(lambda z, w: z @ w, jnp.ones((2, 3), jnp.float32),
                        jnp.ones((4, 4), jnp.float32))
+
+
+class _Unhashable:
+  """A static argument that cannot be a jit cache key."""
+
+  __hash__ = None
+
+  def __init__(self, scale):
+    self.scale = scale
+
+
+def test_an_unhashable_static_argument_warns_once_per_eager_call():
+  f = lambda z, a: 0.5 * z + a[0].scale * a[1]
+  args = (_Unhashable(1.0), jnp.ones((2, 3), jnp.float32))
+  with pytest.warns(UserWarning, match="a non-array leaf of args cannot be"
+                    " hashed.*not cached"):
+    sol = jaxdeq.fixed_point(f, jnp.zeros((2, 3), jnp.float32), args)
+  np.testing.assert_allclose(sol.value, 2.0, rtol=1e-3)
+  # Inside the caller's own jit there is nothing to warn about.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(lambda b: jaxdeq.fixed_point(
+        f, jnp.zeros((2, 3), jnp.float32), (args[0], b)).value)(args[1])

@@ -12,6 +12,7 @@ import pytest
 import jaxdeq
 from jaxdeq._src import linear_solve
 from jaxdeq._src import solution as solution_lib
+from tests.helpers import small_tanh_problem, tanh_map
 
 
 def _system(batch=3, n=5, seed=0):
@@ -77,21 +78,10 @@ def test_every_linear_solver_solves_the_batch(name, x64):
   chex.assert_trees_all_close(x, expected, atol=1e-9)
 
 
-def tanh_map(z, args):
-  w, x = args
-  return jnp.tanh(z @ w + x)
-
-
-def _tanh_problem():
-  w = 0.5 * jax.random.normal(jax.random.key(0), (6, 6)) / np.sqrt(6)
-  x = jax.random.normal(jax.random.key(1), (4, 6))
-  return w, x
-
-
 @pytest.mark.parametrize("name", ["gmres", "gmres_one_cycle", "dense_lu",
                                   "richardson", "lineax_lu", "lineax_gmres"])
 def test_newton_takes_any_linear_solver(name, x64):
-  w, x = _tanh_problem()
+  w, x = small_tanh_problem()
   newton = jaxdeq.Newton(tol=1e-11, max_steps=30,
                          linear_solver=_solvers()[name])
   reference = jaxdeq.fixed_point(tanh_map, jnp.zeros_like(x), (w, x),
@@ -105,7 +95,7 @@ def test_newton_takes_any_linear_solver(name, x64):
 @pytest.mark.parametrize("name", [None, "gmres", "dense_lu", "anderson",
                                   "richardson", "lineax_lu", "lineax_gmres"])
 def test_implicit_adjoint_takes_any_linear_solver(name, x64):
-  w, x = _tanh_problem()
+  w, x = small_tanh_problem()
   linear = None if name is None else _solvers()[name]
   adjoint = jaxdeq.ImplicitAdjoint(linear_solver=linear)
 
@@ -144,7 +134,7 @@ def test_a_linear_solver_defined_outside_the_library_trains_a_deq(x64):
 
 
 def test_shine_fallback_takes_a_linear_solver(x64):
-  w, x = _tanh_problem()
+  w, x = small_tanh_problem()
 
   def loss(w, adjoint):
     return jnp.sum(jaxdeq.fixed_point(

@@ -142,7 +142,16 @@ def fixed_point(
          tuple(static))
   try:
     hash(key)
-  except TypeError:  # unhashable static parts: run without the jit cache
+  except TypeError as error:  # unhashable static parts: no jit cache
+    if not _traced((z0, dynamic)):
+      # Inside the caller's own jit the solve is traced once with it;
+      # called eagerly, every call would trace and compile it again.
+      warnings.warn(
+          f"fixed_point: {_unhashable(key)} cannot be hashed ({error}), so"
+          " this eager call is not cached: every call traces and compiles"
+          " the solve again. Make it hashable (a frozen dataclass, a tuple"
+          " rather than a list), pass arrays, or call fixed_point inside"
+          " your own jax.jit", stacklevel=2)
     run = functools.partial(_solve_entry, *key)
   else:
     run = functools.partial(_jitted_entry, *key)
@@ -238,6 +247,22 @@ def _as_state(z0: Any) -> Any:
 
 def _is_traced_leaf(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _traced(tree: Any) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _unhashable(key: tuple) -> str:
+  """Which part of the jit cache's key cannot be hashed, in words."""
+  names = ("f", "solver", "adjoint", "has_aux", "batched", "record_steps",
+           "the structure of args")
+  for name, part in zip(names, key):
+    try:
+      hash(part)
+    except TypeError:
+      return name
+  return "a non-array leaf of args"
 
 
 def _partition_args(args: Any):
