@@ -59,9 +59,14 @@ def _relative_residual(operator, matrix, rhs, x) -> jax.Array:
   """||rhs - A x|| / ||rhs|| per sample (the norm itself where rhs = 0)."""
   applied = (jnp.einsum("bij,bj->bi", matrix, x) if matrix is not None
              else operator(x))
-  norm = jnp.linalg.norm(rhs - applied, axis=1)
-  scale = jnp.linalg.norm(rhs, axis=1)
-  return jnp.where(scale > 0, norm / jnp.where(scale > 0, scale, 1), norm)
+  return _relative(rhs - applied, jnp.linalg.norm(rhs, axis=1))
+
+
+def _relative(r: jax.Array, rhs_norm: jax.Array) -> jax.Array:
+  """||r|| / ||rhs|| per sample, from the residual vectors r."""
+  norm = jnp.linalg.norm(r, axis=1)
+  return jnp.where(rhs_norm > 0,
+                   norm / jnp.where(rhs_norm > 0, rhs_norm, 1), norm)
 
 
 def _stats(residual, tol, steps, like) -> solution_lib.SolverStats:
@@ -139,11 +144,7 @@ class GMRES(AbstractLinearSolver):
           reorthogonalize=reorthogonalize)
       return x, _stats(estimate, self.tol, steps, rhs)
     b_norm = jnp.linalg.norm(rhs, axis=1)
-
-    def relative(r):
-      norm = jnp.linalg.norm(r, axis=1)
-      return jnp.where(b_norm > 0, norm / jnp.where(b_norm > 0, b_norm, 1),
-                       norm)
+    relative = lambda r: _relative(r, b_norm)
 
     def cond(carry):
       cycle, _, r, _ = carry
